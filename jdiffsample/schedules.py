@@ -1,0 +1,265 @@
+"""Noise schedules: x_t = alpha(t) x0 + sigma(t) eps.
+
+Every schedule exposes, as jit- and grad-friendly functions of a time array ``t``:
+
+* ``alpha(t)``, ``sigma(t)``;
+* ``lam(t) = log alpha - log sigma`` (half-log-SNR, increasing towards the data);
+* ``t_from_lam(lam)``, the exact inverse of ``lam``;
+* ``t_min``/``t_max``: the valid time domain (also the default sampling range);
+* ``model_time(t)``: the time value the underlying network was trained with.
+
+Solvers work in lambda, so a schedule only needs these few methods. Schedules are frozen dataclasses
+(hashable, so they can be static arguments of ``jax.jit``).
+
+``VE`` is the EDM convention: ``t`` is the noise level sigma itself and alpha = 1. A VE grid may end at
+t = 0, where lambda = +inf; solvers treat that last step specially, so ``lam(0)`` is never needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["Schedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "get", "float64"]
+
+
+def float64():
+    """Context manager that enables float64 in JAX for host-side precomputation (grids, checks)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # JAX < 0.8
+
+    return enable_x64()
+
+
+def _vp_log_alpha_from_lam(lam):
+    # For VP (alpha^2 + sigma^2 = 1): alpha^2 = sigmoid(2 lam).
+    return -0.5 * jnp.logaddexp(0.0, -2.0 * lam)
+
+
+class Schedule:
+    """Base class. Subclasses define ``log_alpha``, ``t_from_lam`` and the domain."""
+
+    t_min: float
+    t_max: float
+    is_ve: bool = False
+
+    def log_alpha(self, t):
+        raise NotImplementedError
+
+    def alpha(self, t):
+        return jnp.exp(self.log_alpha(t))
+
+    def log_sigma(self, t):
+        # VP: sigma = sqrt(1 - alpha^2), computed without cancellation near t = 0.
+        return 0.5 * jnp.log(-jnp.expm1(2.0 * self.log_alpha(t)))
+
+    def sigma(self, t):
+        return jnp.exp(self.log_sigma(t))
+
+    def lam(self, t):
+        return self.log_alpha(t) - self.log_sigma(t)
+
+    def t_from_lam(self, lam):
+        raise NotImplementedError
+
+    def model_time(self, t):
+        """The time value the network expects (identity unless the model is discrete-time)."""
+        return t
+
+    def edm_sigma(self, t):
+        """sigma / alpha = exp(-lam): the EDM / VE noise level of time ``t``."""
+        return jnp.exp(-self.lam(t))
+
+    def check_times(self, ts) -> None:
+        """Raise ``ValueError`` if any of the (concrete) times lies outside the domain."""
+        ts = np.asarray(ts, dtype=np.float64)
+        lo, hi = self.t_min, self.t_max
+        tol = 1e-6 * max(1.0, abs(hi))
+        bad = (ts < lo - tol) | (ts > hi + tol) | ~np.isfinite(ts)
+        if bad.any():
+            raise ValueError(
+                f"time {ts[bad][0]!r} is outside the domain of {self!r}: "
+                f"times must lie in [{lo}, {hi}]"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class VPLinear(Schedule):
+    """Continuous VP SDE of ScoreSDE: beta(t) linear from ``beta_min`` to ``beta_max`` on [0, 1]."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    t_min: float = 1e-3
+    t_max: float = 1.0
+
+    def log_alpha(self, t):
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def t_from_lam(self, lam):
+        # Solve 0.25 db t^2 + 0.5 b0 t = L with L = -log_alpha > 0, in the cancellation-free form.
+        big_l = -_vp_log_alpha_from_lam(lam)
+        db, b0 = self.beta_max - self.beta_min, self.beta_min
+        return 2.0 * big_l / (0.5 * b0 + jnp.sqrt(0.25 * b0**2 + db * big_l))
+
+
+@dataclasses.dataclass(frozen=True)
+class VPCosine(Schedule):
+    """Improved-DDPM cosine schedule in continuous time, alpha^2 = cos^2((t+s)/(1+s) pi/2) / c0.
+
+    ``t_max`` stops short of 1, where alpha vanishes (0.9946 as in DPM-Solver).
+    """
+
+    s: float = 0.008
+    t_min: float = 1e-3
+    t_max: float = 0.9946
+
+    def _log_alpha0(self):
+        return math.log(math.cos(self.s / (1.0 + self.s) * math.pi / 2.0))
+
+    def log_alpha(self, t):
+        return jnp.log(jnp.cos((t + self.s) / (1.0 + self.s) * jnp.pi / 2.0)) - self._log_alpha0()
+
+    def t_from_lam(self, lam):
+        log_alpha = _vp_log_alpha_from_lam(lam)
+        angle = jnp.arccos(jnp.exp(log_alpha + self._log_alpha0()))
+        return angle * 2.0 * (1.0 + self.s) / jnp.pi - self.s
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VPDiscrete(Schedule):
+    """A discrete-time VP model (DDPM, ADM, LDM) given its ``alphas_cumprod`` over N training steps.
+
+    Continuous time follows DPM-Solver: training step n (0-based) sits at t_n = (n + 1) / N and
+    log alpha is interpolated linearly in t between them, so t lies in [1/N, 1]. The network is
+    called with ``model_time(t) = N t - 1`` (the training index, fractional in between).
+    """
+
+    alphas_cumprod: np.ndarray
+
+    def __post_init__(self):
+        a = np.asarray(self.alphas_cumprod, dtype=np.float64)
+        if a.ndim != 1 or a.size < 2:
+            raise ValueError("alphas_cumprod must be a 1-D array with at least 2 entries")
+        if not (np.all(a > 0) and np.all(a < 1) and np.all(np.diff(a) < 0)):
+            raise ValueError("alphas_cumprod must lie in (0, 1) and decrease strictly")
+        object.__setattr__(self, "alphas_cumprod", a)
+
+    @classmethod
+    def from_betas(cls, betas) -> "VPDiscrete":
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or not np.all((betas > 0) & (betas < 1)):
+            raise ValueError("betas must be a 1-D array of values in (0, 1)")
+        return cls(np.cumprod(1.0 - betas))
+
+    @classmethod
+    def linear(cls, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        """DDPM's linear betas (as diffusers' ``beta_schedule='linear'``)."""
+        return cls.from_betas(np.linspace(beta_start, beta_end, num_steps, dtype=np.float64))
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.alphas_cumprod.size)
+
+    @property
+    def t_min(self) -> float:  # type: ignore[override]
+        return 1.0 / self.num_steps
+
+    @property
+    def t_max(self) -> float:  # type: ignore[override]
+        return 1.0
+
+    def _tables(self):
+        n = self.num_steps
+        t_grid = np.arange(1, n + 1, dtype=np.float64) / n
+        return jnp.asarray(t_grid), jnp.asarray(0.5 * np.log(self.alphas_cumprod))
+
+    def log_alpha(self, t):
+        t_grid, log_alpha = self._tables()
+        t = jnp.asarray(t)
+        return jnp.interp(t, t_grid.astype(t.dtype), log_alpha.astype(t.dtype))
+
+    def t_from_lam(self, lam):
+        t_grid, log_alpha = self._tables()
+        lam = jnp.asarray(lam)
+        # log alpha decreases in t: interpolate on the reversed (increasing) table.
+        return jnp.interp(
+            _vp_log_alpha_from_lam(lam), log_alpha[::-1].astype(lam.dtype), t_grid[::-1].astype(lam.dtype)
+        )
+
+    def model_time(self, t):
+        return self.num_steps * t - 1.0
+
+    def __eq__(self, other):
+        return isinstance(other, VPDiscrete) and np.array_equal(self.alphas_cumprod, other.alphas_cumprod)
+
+    def __hash__(self):
+        return hash(self.alphas_cumprod.tobytes())
+
+    def __repr__(self):
+        return f"VPDiscrete(num_steps={self.num_steps})"
+
+
+@dataclasses.dataclass(frozen=True)
+class VE(Schedule):
+    """Variance-exploding / EDM schedule: ``t`` is the noise level sigma and alpha = 1.
+
+    ``sigma_min``/``sigma_max`` are the default sampling range (EDM: 0.002 and 80). Any t >= 0 is
+    valid; t = 0 may only be the final point of a grid.
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    is_ve = True
+
+    @property
+    def t_min(self) -> float:  # type: ignore[override]
+        return self.sigma_min
+
+    @property
+    def t_max(self) -> float:  # type: ignore[override]
+        return self.sigma_max
+
+    def log_alpha(self, t):
+        return jnp.zeros_like(jnp.asarray(t))
+
+    def alpha(self, t):
+        return jnp.ones_like(jnp.asarray(t))
+
+    def log_sigma(self, t):
+        return jnp.log(t)
+
+    def sigma(self, t):
+        return jnp.asarray(t)
+
+    def lam(self, t):
+        return -jnp.log(t)
+
+    def t_from_lam(self, lam):
+        return jnp.exp(-jnp.asarray(lam))
+
+    def edm_sigma(self, t):
+        return jnp.asarray(t)
+
+    def check_times(self, ts) -> None:
+        ts = np.asarray(ts, dtype=np.float64)
+        if not np.all(np.isfinite(ts)) or np.any(ts < 0):
+            raise ValueError(f"VE times are noise levels sigma and must be finite and >= 0, got {ts}")
+        if np.any(ts[:-1] == 0):
+            raise ValueError("a VE grid may reach sigma = 0 only at its last point")
+
+
+_NAMES = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE}
+
+
+def get(name: str) -> Schedule:
+    """A schedule by name: 'vp-linear', 'vp-cosine', 've' (alias 'edm'), or 'vp-discrete' (DDPM linear)."""
+    if name == "vp-discrete":
+        return VPDiscrete.linear()
+    if name not in _NAMES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted([*_NAMES, 'vp-discrete'])}")
+    return _NAMES[name]()

@@ -1,0 +1,328 @@
+"""The exponential-integrator core shared by DDIM, DPM-Solver++, UniPC and SA-Solver.
+
+Every multistep solver of this package is one update rule in half-log-SNR lambda. Going from s to t
+(h = lam_t - lam_s > 0) with stochasticity tau (z = (1 + tau^2) h)::
+
+    x_t = (sigma_t / sigma_s) e^{-tau^2 h} x_s  +  sum_j w_j X_j  +  sigma_t sqrt(1 - e^{-2 tau^2 h}) xi
+
+where the X_j are data predictions at the nodes r_j = (lam_j - lam_s) / h (r = 0 the current point,
+r < 0 past points, r = 1 the target for a corrector). Interpolating X by the Lagrange polynomial
+through the nodes and integrating it exactly against the exponential kernel gives
+
+    w = alpha_t z V^{-T} g,     V[j, k] = r_j^k,     g_k = k! phi_{k+1}(-z) = int_0^1 e^{-z (1-u)} u^k du.
+
+The solvers differ only in which nodes they use at each step (the order schedule), whether a
+corrector follows, and small changes to the moments g: UniPC's "B(h)" shortcut at order 2 replaces
+g_1, DPM-Solver++(3M) as the other libraries compute it halves g_2. All coefficients are computed in
+JAX from the lambda grid, so they follow ``ts`` under ``jax.grad``.
+
+The sampling loop is one ``lax.scan`` with a fixed-size history of data predictions (PEC: the model
+is evaluated once per step, at the predicted point; the corrector reuses that evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdiffsample.schedules import Schedule
+
+__all__ = [
+    "Plan", "moments", "node_weights", "multistep", "validate", "check_order", "normal", "safe_sqrt",
+    "resolve_tau", "lower_order_schedule",
+]
+
+_SERIES_TERMS = 24  # |z| < 1: the remainder z^24 / 24! is far below float64 precision
+_SHORTCUTS = ("exact", "bh1", "bh2")
+
+
+# --------------------------------------------------------------------------------------------
+# Coefficients
+
+
+def safe_sqrt(u):
+    """sqrt(u) for u >= 0 whose gradient is 0 (not NaN) at u = 0."""
+    pos = u > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, u, 1.0)), 0.0)
+
+
+def moments(z, n: int):
+    """g_k = k! phi_{k+1}(-z) = int_0^1 e^{-z(1-u)} u^k du for k = 0..n-1, for z >= 0 (any shape).
+
+    A power series for z < 1 and the recursion g_k = (1 - k g_{k-1}) / z otherwise; both branches
+    are masked so that gradients stay finite.
+    """
+    z = jnp.asarray(z)
+    small = z < 1.0
+    zs = jnp.where(small, z, 0.5)
+    zb = jnp.where(small, 1.5, z)
+    out = []
+    # Recursion for large z: g_0 = (1 - e^{-z}) / z, g_k = (1 - k g_{k-1}) / z.
+    g_big = -jnp.expm1(-zb) / zb
+    for k in range(n):
+        if k > 0:
+            g_big = (1.0 - k * g_big) / zb
+        # Series: k! phi_{k+1}(-z) = sum_m (-z)^m k! / (m + k + 1)!.
+        term = jnp.full_like(zs, 1.0 / (k + 1))
+        g_small = term
+        for m in range(1, _SERIES_TERMS):
+            term = term * (-zs) / (m + k + 1)
+            g_small = g_small + term
+        out.append(jnp.where(small, g_small, g_big))
+    return jnp.stack(out, axis=-1)
+
+
+def node_weights(r, order, g):
+    """Solve the (masked) Vandermonde system V^T w = g for the first ``order`` nodes.
+
+    ``r`` [n] nodes, ``g`` [n] moments, ``order`` <= n (may be traced). Inactive nodes get weight 0.
+    """
+    n = r.shape[-1]
+    powers = [jnp.ones_like(r)]
+    for _ in range(1, n):
+        powers.append(powers[-1] * r)  # products, not r**k: finite gradients at r = 0
+    vt = jnp.stack(powers)  # vt[k, j] = r_j^k
+    idx = jnp.arange(n)
+    active = (idx[:, None] < order) & (idx[None, :] < order)
+    mat = jnp.where(active, vt, jnp.eye(n, dtype=r.dtype))
+    rhs = jnp.where(idx < order, g, 0.0)
+    return jnp.linalg.solve(mat, rhs)
+
+
+def _shortcut_g1(kind: str, g):
+    """UniPC's order-2 'B(h)' shortcut: rho = 1/2 replaces g_1 by B(h) / (2 z)."""
+    if kind == "bh1":  # B(h) = z
+        return jnp.full_like(g[..., 1], 0.5)
+    if kind == "bh2":  # B(h) = 1 - e^{-z} = z g_0
+        return 0.5 * g[..., 0]
+    return g[..., 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The static recipe of a multistep solver on a grid of ``len(pred_order)`` steps.
+
+    pred_order[k]: number of nodes of the predictor of step k (1 = DDIM step).
+    corr_order[k]: number of nodes of the corrector of step k, target included (0 = none).
+    pred_shortcut / corr_shortcut: 'exact', 'bh1' or 'bh2' for two-node predictors / correctors.
+    halve_g2: DPM-Solver++(3M) as implemented elsewhere (the second-difference weight halved).
+    """
+
+    pred_order: tuple
+    corr_order: tuple
+    pred_shortcut: str = "exact"
+    corr_shortcut: str = "exact"
+    halve_g2: bool = False
+
+    def __post_init__(self):
+        assert len(self.pred_order) == len(self.corr_order)
+        assert self.pred_shortcut in _SHORTCUTS and self.corr_shortcut in _SHORTCUTS
+
+    @property
+    def history(self) -> int:
+        return max(max(self.pred_order), max(self.corr_order) - 1, 1)
+
+
+def _past_nodes(lams, h, n_nodes):
+    """r[k, j] = (lam_{k-j} - lam_k) / h_k for j < n_nodes (indices below 0 repeat lam_0; masked)."""
+    n_steps = h.shape[0]
+    k = np.arange(n_steps)[:, None]
+    idx = np.maximum(k - np.arange(n_nodes)[None, :], 0)
+    return (lams[idx] - lams[:-1][:, None]) / h[:, None]
+
+
+def _tables(plan: Plan, lams, log_sigma, alpha, tau_sq):
+    """Per-step multipliers, weights and noise scales (all [N] or [N, n]) from the lambda grid."""
+    h = lams[1:] - lams[:-1]
+    z = (1.0 + tau_sq) * h
+    mult = jnp.exp(log_sigma[1:] - log_sigma[:-1] - tau_sq * h)
+    noise = jnp.exp(log_sigma[1:]) * safe_sqrt(-jnp.expm1(-2.0 * tau_sq * h))
+    hist = plan.history
+
+    def weights(r, order, shortcut, halve):
+        g = moments(z, r.shape[1])
+        g1 = jnp.where(order == 2, _shortcut_g1(shortcut, g), g[:, 1]) if r.shape[1] > 1 else None
+        if g1 is not None:
+            g = g.at[:, 1].set(g1)
+        if halve and r.shape[1] > 2:
+            g = g.at[:, 2].set(jnp.where(order == 3, 0.5 * g[:, 2], g[:, 2]))
+        w = jax.vmap(node_weights)(r, order, g)
+        return (alpha[1:] * z)[:, None] * w
+
+    r_pred = _past_nodes(lams, h, hist)
+    wp = weights(r_pred, jnp.asarray(plan.pred_order), plan.pred_shortcut, plan.halve_g2)
+    # Corrector nodes: the target (r = 1), then the current and past points.
+    r_corr = jnp.concatenate([jnp.ones_like(r_pred[:, :1]), r_pred], axis=1)
+    wc = weights(r_corr, jnp.asarray(plan.corr_order), plan.corr_shortcut, False)
+    return mult, wp, wc, noise
+
+
+# --------------------------------------------------------------------------------------------
+# Noise
+
+
+def _is_batched_key(key) -> bool:
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.ndim == 1
+    return key.ndim == 2
+
+
+def normal(key, step, shape, dtype):
+    """Standard normal noise for ``step``: from ``fold_in(key, step)``.
+
+    ``key`` may be one key or one key per sample (leading axis = batch); then each sample's noise
+    depends on its own key only, so results do not depend on how samples are batched.
+    """
+    if _is_batched_key(key):
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, step)
+        return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(keys)
+    return jax.random.normal(jax.random.fold_in(key, step), shape, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (runs on concrete values, before any tracing)
+
+
+def _concrete(a) -> bool:
+    return not isinstance(a, jax.core.Tracer)
+
+
+def validate(x, ts, schedule: Schedule, *, key=None, needs_key: bool = False, min_steps: int = 1):
+    """Check a sampling call; raises ``ValueError`` with what was wrong and what is allowed."""
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule must be a jdiffsample.schedules.Schedule, got {type(schedule).__name__}")
+    if jnp.ndim(x) < 1:
+        raise ValueError("x must be a batch: an array with a leading batch axis")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"x must be a floating-point array, got {jnp.result_type(x)}")
+    if jnp.ndim(ts) != 1:
+        raise ValueError(f"ts must be a 1-D array of times, got shape {jnp.shape(ts)}")
+    if jnp.shape(ts)[0] < 2:
+        raise ValueError("ts needs at least 2 points (start and end)")
+    n_steps = jnp.shape(ts)[0] - 1
+    if n_steps < min_steps:
+        raise ValueError(f"this solver configuration needs at least {min_steps} steps, got a grid of {n_steps}")
+    if _concrete(ts):
+        t = np.asarray(ts, dtype=np.float64)
+        if not np.all(np.diff(t) < 0):
+            raise ValueError(f"ts must be strictly decreasing (from noise to data), got {t}")
+        schedule.check_times(t)
+    if needs_key and key is None:
+        raise ValueError("this solver is stochastic with these options: pass key=jax.random.key(seed)")
+    if key is not None and _concrete(key) and _is_batched_key(key) and key.shape[0] != jnp.shape(x)[0]:
+        raise ValueError(f"a batch of keys must have one key per sample: {key.shape[0]} keys, batch {jnp.shape(x)[0]}")
+
+
+def check_order(name: str, value, lo: int, hi: int) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# The sampling loop
+
+
+def grid_values(ts, schedule: Schedule, dtype):
+    """lambda, log sigma and alpha on the grid, plus whether the grid ends at sigma = 0 (VE).
+
+    A final sigma = 0 makes lambda infinite; it is replaced by a finite stand-in here and the step
+    is turned into 'return the data prediction' by the caller, so no inf or NaN reaches the
+    coefficients or their gradients.
+    """
+    ts = jnp.asarray(ts, dtype)
+    if schedule.is_ve:
+        final_zero = ts[-1] == 0
+        t_safe = ts.at[-1].set(jnp.where(final_zero, ts[-2] * 0.5, ts[-1]))
+    else:
+        final_zero = jnp.asarray(False)
+        t_safe = ts
+    return t_safe, schedule.lam(t_safe), schedule.log_sigma(t_safe), schedule.alpha(t_safe), final_zero
+
+
+def multistep(
+    denoise: Callable,
+    x,
+    ts,
+    schedule: Schedule,
+    plan: Plan,
+    tau_sq=None,
+    *,
+    key=None,
+    return_trajectory: bool = False,
+):
+    """Run a predictor(-corrector) exponential Adams method as one ``lax.scan``.
+
+    ``tau_sq`` [N] (or None for the ODE): stochasticity per step. The model is called once per step
+    (N calls for N steps): at t_k on the state predicted for t_k.
+    """
+    dtype = x.dtype
+    n_steps = len(plan.pred_order)
+    t_safe, lams, log_sigma, alpha, final_zero = grid_values(ts, schedule, dtype)
+    stochastic = tau_sq is not None
+    tau_sq = jnp.zeros(n_steps, dtype) if tau_sq is None else jnp.asarray(tau_sq, dtype)
+    mult, wp, wc, noise_std = _tables(plan, lams, log_sigma, alpha, tau_sq)
+
+    # The step into sigma = 0 returns the current data prediction.
+    last = n_steps - 1
+    is_last_zero = (jnp.arange(n_steps) == last) & final_zero
+    mult = jnp.where(is_last_zero, 0.0, mult)
+    noise_std = jnp.where(is_last_zero, 0.0, noise_std)
+    wp = jnp.where(is_last_zero[:, None], jnp.eye(wp.shape[1], dtype=dtype)[0], wp)
+
+    # The corrector of step k is applied at the start of step k + 1, after the model call at t_{k+1}.
+    has_corr = np.concatenate([[False], np.asarray(plan.corr_order[:-1]) > 0])
+    shift = lambda a: jnp.concatenate([jnp.zeros_like(a[:1]), a[:-1]])  # noqa: E731
+    xs = dict(
+        t=t_safe[:-1], step=jnp.arange(n_steps), mult=mult, wp=wp, noise=noise_std,
+        c_mult=shift(mult), c_w=shift(wc), c_noise=shift(noise_std), has_corr=jnp.asarray(has_corr),
+    )
+    hist_len = plan.history
+    combine = lambda w, stack: jnp.tensordot(w, stack, axes=1)  # noqa: E731
+
+    def step(carry, s):
+        x_eval, x_prev, hist, xi_prev = carry
+        m = denoise(x_eval, s["t"]).astype(dtype)
+        corrected = (
+            s["c_mult"] * x_prev
+            + s["c_w"][0] * m
+            + combine(s["c_w"][1:], hist)
+            + s["c_noise"] * xi_prev
+        )
+        x_cur = jnp.where(s["has_corr"], corrected, x_eval)
+        hist = jnp.concatenate([m[None], hist[:-1]])
+        xi = normal(key, s["step"], x.shape, dtype) if stochastic else xi_prev
+        x_next = s["mult"] * x_cur + combine(s["wp"], hist) + s["noise"] * xi
+        return (x_next, x_cur, hist, xi), (x_cur if return_trajectory else None)
+
+    init = (x, x, jnp.zeros((hist_len, *x.shape), dtype), jnp.zeros_like(x))
+    (x_final, _, _, _), traj = jax.lax.scan(step, init, xs)
+    if return_trajectory:
+        return jnp.concatenate([traj, x_final[None]])
+    return x_final
+
+
+def resolve_tau(tau, ts, dtype):
+    """tau as a constant or a function of t, evaluated at the target time of each step -> tau^2 [N]."""
+    targets = jnp.asarray(ts, dtype)[1:]
+    if callable(tau):
+        values = jax.vmap(tau)(targets)
+    else:
+        values = jnp.broadcast_to(jnp.asarray(tau, dtype), targets.shape)
+    return jnp.square(values.astype(dtype))
+
+
+def lower_order_schedule(order: int, n_steps: int, lower_order_final: bool, warmup_extra: int = 0) -> list:
+    """min(order, k + 1 + warmup_extra, N - k (if lower_order_final)) for k = 0..N-1."""
+    out = []
+    for k in range(n_steps):
+        p = min(order, k + 1 + warmup_extra)
+        if lower_order_final:
+            p = min(p, n_steps - k + warmup_extra)
+        out.append(max(p, 1))
+    return out
+

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``jdiffsample`` CLI (see ``jdiffsample.cli``)."""

@@ -1,0 +1,496 @@
+"""Flax port of the ADM ``UNetModel`` from openai/guided-diffusion (Dhariwal & Nichol, 2021).
+
+The network is written from the published architecture description. It is laid out NHWC and
+reproduces ``model(x, timesteps, y)`` of the PyTorch original when the weights are converted
+with :func:`convert_state_dict`::
+
+    kwargs = PRESETS["256x256"]
+    variables = convert_state_dict(kwargs, state_dict)     # state_dict: name -> numpy array
+    eps_and_var = build(kwargs).apply(variables, x_nhwc, timesteps, y)   # [B, H, W, 6]
+
+Differences from the original, all deliberate:
+
+* Inference only. ``dropout`` and ``use_checkpoint`` are accepted and stored but have no effect
+  (the original applies dropout only in training mode).
+* Precision is chosen with the Flax attribute ``dtype`` (for instance ``jnp.bfloat16``) instead of
+  ``use_fp16``, which is only recorded. As in the original fp16 mode, ``dtype`` applies to the
+  torso (input, middle and output blocks: convolutions, linears, attention matmuls); the time and
+  label embeddings and the final ``out`` head stay float32. Group norms and the attention softmax
+  always compute in float32. The output is float32.
+* Skip-Tuning: every long skip tensor is multiplied, where the decoder concatenates it, by a
+  float32 scalar from the ``"skip"`` variable collection (see :func:`skip_name`). The scales are
+  initialised to 1.0, which leaves the output bit-identical to the unscaled network.
+
+Module names follow the PyTorch ``state_dict`` keys with ``.`` before an index written as ``_``
+(``input_blocks.4.1.qkv`` is the Flax path ``input_blocks_4_1/qkv``); the converter relies on this.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+__all__ = [
+    "PRESETS",
+    "DIFFUSION_PRESETS",
+    "UNetModel",
+    "ResBlock",
+    "AttentionBlock",
+    "Upsample",
+    "Downsample",
+    "timestep_embedding",
+    "betas_for",
+    "skip_name",
+    "build",
+    "convert_state_dict",
+]
+
+
+def _ds(image_size: int, resolutions: Sequence[int]) -> tuple[int, ...]:
+    """Attention resolutions (in pixels) -> downsample rates, as the original scripts do."""
+    return tuple(image_size // r for r in resolutions)
+
+
+def _preset(image_size, model_channels, channel_mult, num_res_blocks, *, num_classes,
+            num_heads=4, num_head_channels=-1, dropout=0.0, use_fp16=True,
+            use_new_attention_order=False):
+    return dict(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=model_channels,
+        out_channels=6,  # learn_sigma: epsilon (3) and the variance interpolation v (3)
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_ds(image_size, (32, 16, 8)),
+        dropout=dropout,
+        channel_mult=channel_mult,
+        conv_resample=True,
+        dims=2,
+        num_classes=num_classes,
+        use_checkpoint=False,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        use_new_attention_order=use_new_attention_order,
+    )
+
+
+#: ``UNetModel`` constructor kwargs of the released guided-diffusion diffusion models, from the
+#: README's MODEL_FLAGS (``num_heads`` defaults to 4; it is ignored where ``num_head_channels`` is
+#: set). ``attention_resolutions`` are downsample rates, i.e. ``image_size // 32, 16, 8``.
+PRESETS: dict[str, dict[str, Any]] = {
+    "64x64": _preset(64, 192, (1, 2, 3, 4), 3, num_classes=1000, num_head_channels=64,
+                     dropout=0.1, use_new_attention_order=True),
+    "128x128": _preset(128, 256, (1, 1, 2, 3, 4), 2, num_classes=1000, num_heads=4),
+    "256x256": _preset(256, 256, (1, 1, 2, 2, 4, 4), 2, num_classes=1000, num_head_channels=64),
+    "256x256_uncond": _preset(256, 256, (1, 1, 2, 2, 4, 4), 2, num_classes=None,
+                              num_head_channels=64),
+    "512x512": _preset(512, 256, (0.5, 1, 1, 2, 2, 4, 4), 2, num_classes=1000,
+                       num_head_channels=64, use_fp16=False),
+}
+
+#: Diffusion settings that go with each entry of :data:`PRESETS` (same keys). The models predict
+#: epsilon; ``learn_sigma`` means the last 3 output channels interpolate the log variance between
+#: ``beta_t`` and the posterior variance. ``timesteps`` passed to the network are the integer
+#: indices 0 .. diffusion_steps-1 (``rescale_timesteps`` is off for all of them).
+DIFFUSION_PRESETS: dict[str, dict[str, Any]] = {
+    name: dict(diffusion_steps=1000,
+               noise_schedule="cosine" if name == "64x64" else "linear",
+               learn_sigma=True)
+    for name in PRESETS
+}
+
+
+def betas_for(schedule_name: str, num_steps: int) -> np.ndarray:
+    """guided-diffusion's named beta schedules, float64 of shape [num_steps].
+
+    * ``"linear"``: evenly spaced from ``1e-4 * 1000/T`` to ``0.02 * 1000/T`` (inclusive).
+    * ``"cosine"``: ``beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999)`` with
+      ``abar(t) = cos((t + 0.008) / 1.008 * pi/2) ** 2`` (Nichol & Dhariwal, 2021).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be positive, got {num_steps}")
+    if schedule_name == "linear":
+        scale = 1000.0 / num_steps
+        return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+    if schedule_name == "cosine":
+        t = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+        alpha_bar = np.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
+    raise ValueError(f"unknown beta schedule {schedule_name!r}; expected 'linear' or 'cosine'")
+
+
+def skip_name(j: int) -> str:
+    """Name of the Skip-Tuning scale of the skip consumed by ``output_blocks[j]``.
+
+    ``j = 0`` is the deepest skip (consumed first); the zero-padded prefix makes sorted names
+    follow consumption order.
+    """
+    return f"{j:02d}_output_blocks.{j}"
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding ``[cos(t f), sin(t f)]`` with ``f_i = max_period ** (-i / (dim//2))``.
+
+    ``timesteps``: [B] (float or int; fractional values are allowed). Returns float32 [B, dim]; an
+    odd ``dim`` gets a zero last column.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = timesteps.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def _group_norm(x: jax.Array, name: str) -> jax.Array:
+    """``GroupNorm32``: 32 groups, eps 1e-5, computed in float32 and cast back to ``x.dtype``."""
+    norm = nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
+    return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def _conv(features: int, name: str, dtype: Any, kernel: int = 3, stride: int = 1) -> nn.Conv:
+    """A PyTorch-style 2-D conv (symmetric zero padding ``kernel // 2``, with bias)."""
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), dtype=dtype, name=name)
+
+
+def _upsample_nearest(x: jax.Array) -> jax.Array:
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _avg_pool(x: jax.Array) -> jax.Array:
+    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 upsampling, followed by a 3x3 conv (``conv``) if ``use_conv``."""
+
+    use_conv: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _upsample_nearest(x)
+        if self.use_conv:
+            x = _conv(x.shape[-1], "conv", self.dtype)(x)
+        return x
+
+
+class Downsample(nn.Module):
+    """x2 downsampling: a stride-2 3x3 conv (``op``) if ``use_conv``, else 2x2 average pooling."""
+
+    use_conv: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_conv:
+            return _conv(x.shape[-1], "op", self.dtype, stride=2)(x)
+        return _avg_pool(x)
+
+
+class ResBlock(nn.Module):
+    """ADM residual block conditioned on the embedding, optionally resampling (``up``/``down``).
+
+    h = conv(silu(norm(x))), with the parameter-free resampling applied to both paths between the
+    activation and the conv; the embedding enters as FiLM ``norm(h) * (1 + scale) + shift`` when
+    ``use_scale_shift_norm``, else it is added before the second norm. The shortcut is a 1x1 conv
+    when the channel count changes.
+    """
+
+    out_channels: int
+    use_scale_shift_norm: bool
+    up: bool = False
+    down: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        out_ch = self.out_channels
+        h = nn.silu(_group_norm(x, "in_layers_0"))
+        if self.up:
+            h, x = _upsample_nearest(h), _upsample_nearest(x)
+        elif self.down:
+            h, x = _avg_pool(h), _avg_pool(x)
+        h = _conv(out_ch, "in_layers_2", self.dtype)(h)
+
+        emb_features = 2 * out_ch if self.use_scale_shift_norm else out_ch
+        emb_out = nn.Dense(emb_features, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
+        emb_out = emb_out.astype(h.dtype)[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = _group_norm(h, "out_layers_0") * (1 + scale) + shift
+        else:
+            h = _group_norm(h + emb_out, "out_layers_0")
+        h = _conv(out_ch, "out_layers_3", self.dtype)(nn.silu(h))
+
+        if x.shape[-1] != out_ch:
+            x = _conv(out_ch, "skip_connection", self.dtype, kernel=1)(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all spatial positions with a residual connection.
+
+    ``qkv`` and ``proj_out`` are the original's 1x1 Conv1d layers, here Dense layers on the
+    [B, HW, C] tokens. ``use_new_attention_order`` selects how the 3C qkv channels are laid out:
+    new order (``QKVAttention``) channel ``j*C + h*c_h + c``; legacy order (``QKVAttentionLegacy``)
+    ``h*3*c_h + j*c_h + c``, for j in (q, k, v), head h, channel c within the head.
+    """
+
+    num_heads: int = 1
+    num_head_channels: int = -1
+    use_new_attention_order: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, hgt, wid, c = x.shape
+        if self.num_head_channels == -1:
+            heads = self.num_heads
+        else:
+            if c % self.num_head_channels:
+                raise ValueError(f"{c} channels are not divisible by num_head_channels "
+                                 f"{self.num_head_channels}")
+            heads = c // self.num_head_channels
+        if c % heads:
+            raise ValueError(f"{c} channels are not divisible by {heads} heads")
+        ch = c // heads
+
+        tokens = x.reshape(b, hgt * wid, c)
+        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(
+            _group_norm(tokens, "norm"))
+        if self.use_new_attention_order:
+            q, k, v = (a.reshape(b, -1, heads, ch) for a in jnp.split(qkv, 3, axis=-1))
+        else:
+            q, k, v = jnp.split(qkv.reshape(b, -1, heads, 3 * ch), 3, axis=-1)
+        scale = 1 / math.sqrt(math.sqrt(ch))  # applied to q and k separately, as the original
+        logits = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+        a = jnp.einsum("bhts,bshc->bthc", weights, v).reshape(b, -1, c)
+        h = nn.Dense(c, dtype=self.dtype, name="proj_out")(a)
+        return (tokens + h.astype(tokens.dtype)).reshape(b, hgt, wid, c)
+
+
+class UNetModel(nn.Module):
+    """guided-diffusion ``UNetModel`` (NHWC), with the original constructor arguments.
+
+    Call as ``module.apply(variables, x, timesteps, y=None)``:
+
+    * ``x``: [B, H, W, in_channels];
+    * ``timesteps``: [B] or a scalar (int or float; the original uses integer indices 0..T-1);
+    * ``y``: int labels [B], required if and only if ``num_classes`` is set.
+
+    Returns float32 [B, H, W, out_channels] (6 for learned-sigma models: epsilon, then v).
+
+    ``attention_resolutions`` are downsample rates (``image_size // resolution``), as in the
+    original. ``dims`` must be 2. ``dtype`` is the torso compute dtype (see the module docstring).
+    ``variables`` holds ``"params"`` and the Skip-Tuning collection ``"skip"``.
+    """
+
+    image_size: int
+    in_channels: int
+    model_channels: int
+    out_channels: int
+    num_res_blocks: int
+    attention_resolutions: Sequence[int]
+    dropout: float = 0.0
+    channel_mult: Sequence[float] = (1, 2, 4, 8)
+    conv_resample: bool = True
+    dims: int = 2
+    num_classes: int | None = None
+    use_checkpoint: bool = False
+    use_fp16: bool = False
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.dims != 2:
+            raise ValueError(f"only dims=2 is supported, got dims={self.dims}")
+        super().__post_init__()
+
+    def _attention(self, num_heads: int, name: str) -> AttentionBlock:
+        return AttentionBlock(num_heads=num_heads, num_head_channels=self.num_head_channels,
+                              use_new_attention_order=self.use_new_attention_order,
+                              dtype=self.dtype, name=name)
+
+    def _resblock(self, out_channels: int, name: str, **updown: bool) -> ResBlock:
+        return ResBlock(out_channels, self.use_scale_shift_norm, dtype=self.dtype, name=name,
+                        **updown)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, timesteps: jax.Array, y: jax.Array | None = None
+                 ) -> jax.Array:
+        if (y is None) != (self.num_classes is None):
+            raise ValueError("y must be given if and only if the model is class-conditional "
+                             f"(num_classes={self.num_classes})")
+        batch = x.shape[0]
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+        mc = self.model_channels
+        attn_ds = set(self.attention_resolutions)
+        heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+
+        emb = timestep_embedding(timesteps, mc)
+        emb = nn.Dense(4 * mc, name="time_embed_0")(emb)
+        emb = nn.Dense(4 * mc, name="time_embed_2")(nn.silu(emb))
+        if self.num_classes is not None:
+            emb = emb + nn.Embed(self.num_classes, 4 * mc, name="label_emb")(y)
+
+        # Encoder: every input block's output goes on the skip stack.
+        h = _conv(int(self.channel_mult[0] * mc), "input_blocks_0_0", self.dtype)(
+            x.astype(self.dtype))
+        hs = [h]
+        ds, idx = 1, 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                h = self._resblock(int(mult * mc), f"input_blocks_{idx}_0")(h, emb)
+                if ds in attn_ds:
+                    h = self._attention(self.num_heads, f"input_blocks_{idx}_1")(h)
+                hs.append(h)
+                idx += 1
+            if level != len(self.channel_mult) - 1:
+                name = f"input_blocks_{idx}_0"
+                if self.resblock_updown:
+                    h = self._resblock(h.shape[-1], name, down=True)(h, emb)
+                else:
+                    h = Downsample(self.conv_resample, dtype=self.dtype, name=name)(h)
+                hs.append(h)
+                idx += 1
+                ds *= 2
+
+        h = self._resblock(h.shape[-1], "middle_block_0")(h, emb)
+        h = self._attention(self.num_heads, "middle_block_1")(h)
+        h = self._resblock(h.shape[-1], "middle_block_2")(h, emb)
+
+        # Decoder: output block j concatenates [h, rho_j * skip], deepest skip first.
+        j = 0
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            for i in range(self.num_res_blocks + 1):
+                rho = self.variable("skip", skip_name(j), lambda: jnp.ones((), jnp.float32))
+                skip = (rho.value * hs.pop()).astype(h.dtype)
+                h = jnp.concatenate([h, skip], axis=-1)
+                h = self._resblock(int(mult * mc), f"output_blocks_{j}_0")(h, emb)
+                k = 1
+                if ds in attn_ds:
+                    h = self._attention(heads_up, f"output_blocks_{j}_{k}")(h)
+                    k += 1
+                if level and i == self.num_res_blocks:
+                    name = f"output_blocks_{j}_{k}"
+                    if self.resblock_updown:
+                        h = self._resblock(h.shape[-1], name, up=True)(h, emb)
+                    else:
+                        h = Upsample(self.conv_resample, dtype=self.dtype, name=name)(h)
+                    ds //= 2
+                j += 1
+
+        h = nn.silu(_group_norm(h.astype(jnp.float32), "out_0"))
+        return _conv(self.out_channels, "out_2", jnp.float32)(h).astype(jnp.float32)
+
+
+def build(kwargs: Mapping[str, Any]) -> UNetModel:
+    """A :class:`UNetModel` from constructor kwargs (e.g. a :data:`PRESETS` entry or a fixture's
+    ``config.json`` kwargs); lists are turned into tuples so the module stays hashable."""
+    return UNetModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+
+
+_INDEX = re.compile(r"_(\d+)")
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_CONV1D_MODULES = ("qkv", "proj_out")
+
+
+def _torch_key(path: tuple[str, ...]) -> str:
+    """Flax parameter path -> PyTorch state_dict key (``input_blocks_4_1/qkv/kernel`` ->
+    ``input_blocks.4.1.qkv.weight``)."""
+    *modules, leaf = path
+    return ".".join([_INDEX.sub(r".\1", m) for m in modules] + [_LEAF_TO_TORCH[leaf]])
+
+
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of the tensor that converts to a Flax parameter of ``shape``."""
+    if path[-1] != "kernel":
+        return shape
+    if len(shape) == 4:  # conv [kh, kw, in, out] <- [out, in, kh, kw]
+        return (shape[3], shape[2], shape[0], shape[1])
+    if path[-2] in _CONV1D_MODULES:  # Dense [in, out] <- Conv1d [out, in, 1]
+        return (shape[1], shape[0], 1)
+    return (shape[1], shape[0])  # Dense [in, out] <- Linear [out, in]
+
+
+def _to_flax(path: tuple[str, ...], w: np.ndarray) -> np.ndarray:
+    if path[-1] != "kernel":
+        return w
+    if w.ndim == 4:
+        return w.transpose(2, 3, 1, 0)
+    if w.ndim == 3:
+        return w[:, :, 0].T
+    return w.T
+
+
+def _abstract_variables(model: UNetModel) -> dict:
+    size = model.image_size
+    x = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = None if model.num_classes is None else jax.ShapeDtypeStruct((1,), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+
+
+def _summarise(title: str, items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+    return f"{title} ({len(items)}): {shown}"
+
+
+def convert_state_dict(kwargs: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict:
+    """Flax ``variables`` ``{"params": ..., "skip": ...}`` from a guided-diffusion state_dict.
+
+    ``state_dict`` maps the original keys (``input_blocks.0.0.weight``, ...) to arrays (numpy, or
+    anything ``np.asarray`` accepts); parameters are stored as float32. Conv weights
+    [O, I, kh, kw] become kernels [kh, kw, I, O]; Linear [O, I] and the attention Conv1d
+    [O, I, 1] become Dense kernels [I, O]. The Skip-Tuning scales are all 1.0.
+
+    Strict: raises ``ValueError`` naming the missing keys, unexpected keys and shape mismatches.
+    """
+    abstract = _abstract_variables(build(kwargs))
+    expected = {
+        _torch_key(path): (path, _torch_shape(path, leaf.shape))
+        for path, leaf in traverse_util.flatten_dict(abstract["params"]).items()
+    }
+    problems = []
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing:
+        problems.append(_summarise("missing keys", missing))
+    if unexpected:
+        problems.append(_summarise("unexpected keys", unexpected))
+    arrays = {k: np.asarray(state_dict[k]) for k in expected if k in state_dict}
+    mismatched = sorted(
+        f"{k} {tuple(a.shape)} (expected {expected[k][1]})"
+        for k, a in arrays.items() if tuple(a.shape) != expected[k][1])
+    if mismatched:
+        problems.append(_summarise("shape mismatches", mismatched))
+    if problems:
+        raise ValueError("state_dict does not match the UNetModel kwargs: " + "; ".join(problems))
+
+    params = traverse_util.unflatten_dict({
+        path: _to_flax(path, arrays[key].astype(np.float32)) for key, (path, _) in expected.items()
+    })
+    skip = {name: np.ones((), np.float32) for name in abstract["skip"]}
+    return {"params": params, "skip": skip}

@@ -280,6 +280,23 @@ def load(dst) -> tuple[Any, dict]:
 # denoisers
 
 
+_APPLY_CACHE: dict[int, tuple[Any, Callable]] = {}
+
+
+def _jitted_apply(module) -> Callable:
+    """``jax.jit(module.apply)``, shared by all denoisers of one module object (so new labels or
+    Skip-Tuned variables reuse the compiled network). Keyed by identity: EDM modules hold dicts
+    and are not hashable."""
+    hit = _APPLY_CACHE.get(id(module))
+    if hit is None or hit[0] is not module:
+        import jax
+
+        while len(_APPLY_CACHE) >= 8:
+            _APPLY_CACHE.pop(next(iter(_APPLY_CACHE)))
+        hit = _APPLY_CACHE[id(module)] = (module, jax.jit(module.apply))
+    return hit[1]
+
+
 def to_denoiser(module, variables, config, class_labels=None) -> tuple[Callable, Any]:
     """Turn a loaded network into the solvers' ``denoise(x, t)`` and its schedule.
 
@@ -305,7 +322,7 @@ def to_denoiser(module, variables, config, class_labels=None) -> tuple[Callable,
     if not isinstance(config, Mapping):
         config = load_config(config)
     schedule = _schedule_from_info(config["schedule"])
-    apply = jax.jit(module.apply)
+    apply = _jitted_apply(module)
     family = config["family"]
 
     if family == "edm":

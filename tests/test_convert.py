@@ -1,0 +1,362 @@
+"""Converters end to end: the CLI scripts on the golden fixtures, nets.save/load/to_denoiser, and
+the guarantees on failure (one error line, non-zero exit, nothing written to DST)."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tracemalloc
+from collections import OrderedDict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import _torch_pickles as tp
+from jdiffsample import nets, schedules
+from jdiffsample.nets import torchfile
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+EDM_FIXTURES = ["edm_ddpmpp_vp_tiny", "edm_ncsnpp_ve_tiny", "edm_adm_edm_tiny"]
+ADM_FIXTURES = ["adm_guided_tiny"]
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.is_dir(), reason=f"golden fixtures not found at {FIXTURES} (../shared/fixtures)")
+
+
+def run_cli(script, *args):
+    """Run convert/<script>.py in a subprocess; returns the CompletedProcess."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, str(ROOT / "convert" / f"{script}.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def _leftovers(dst: Path):
+    """Anything at dst or temporary siblings a failed conversion might leave."""
+    return [p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.") or p == dst]
+
+
+def _fixture(name):
+    folder = FIXTURES / name
+    return folder, json.loads((folder / "config.json").read_text()), dict(np.load(folder / "io.npz"))
+
+
+def _forward(module, variables, io):
+    """The network on the fixture inputs, NCHW like the reference output. Uses the jitted apply
+    that to_denoiser shares, with the same argument types, so each network compiles once."""
+    apply = nets._jitted_apply(module)
+    x = jnp.asarray(io["x"].transpose(0, 2, 3, 1))
+    if "sigma" in io:
+        labels = io.get("class_labels")
+        out = apply(variables, x, jnp.asarray(io["sigma"], jnp.float32),
+                    None if labels is None else jnp.asarray(labels, jnp.float32))
+    else:
+        out = apply(variables, x, jnp.asarray(io["timesteps"], jnp.float32),
+                    jnp.asarray(io["y"]))
+    return np.asarray(out).transpose(0, 3, 1, 2)
+
+
+def _close(out, ref, rel=1e-5):
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err <= rel, f"max error {err:.2e} of max |output|"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Every fixture converted once through the CLI: {name: (dst, stdout)}."""
+    if not FIXTURES.is_dir():
+        pytest.skip(f"golden fixtures not found at {FIXTURES}")
+    out = {}
+    base = tmp_path_factory.mktemp("converted")
+    for name in EDM_FIXTURES + ADM_FIXTURES:
+        folder = FIXTURES / name
+        dst = base / name
+        if name in EDM_FIXTURES:
+            r = run_cli("edm", folder / "state_dict.pt", dst, "--kwargs", folder / "config.json")
+        else:
+            r = run_cli("adm", folder / "state_dict.pt", dst, "--config", folder / "config.json")
+        assert r.returncode == 0, r.stderr
+        assert re.search(r"in \d+\.\d+ s$", r.stdout.strip()), r.stdout
+        out[name] = (dst, r.stdout.strip())
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(converted):
+    """nets.load of every converted fixture: {name: (module, variables, config)}."""
+    return {name: (*nets.load(dst), nets.load_config(dst)) for name, (dst, _) in converted.items()}
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", EDM_FIXTURES + ADM_FIXTURES)
+def test_cli_conversion_reproduces_fixture(converted, loaded, name):
+    _, stdout = converted[name]
+    _, cfg, io = _fixture(name)
+    module, variables, config = loaded[name]
+    assert config["class_name"] == cfg["class_name"]
+    assert config["family"] == ("adm" if name in ADM_FIXTURES else "edm")
+    assert {"jax", "flax", "orbax-checkpoint", "jdiffsample"} <= set(config["versions"])
+    assert set(variables) == {"params", "skip"}
+    _close(_forward(module, variables, io), io["output"])
+    print(f"{name}: {stdout}")
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", EDM_FIXTURES)
+def test_edm_denoiser(loaded, name):
+    """denoise(x, t) = net(x, sigma=t, labels): row i at t = sigma_i is the fixture's output i."""
+    _, _, io = _fixture(name)
+    module, variables, config = loaded[name]
+    labels = io.get("class_labels")
+    denoise, schedule = nets.to_denoiser(module, variables, config, labels)
+    assert isinstance(schedule, schedules.VE)
+    x = jnp.asarray(io["x"].transpose(0, 2, 3, 1))
+    scale = np.abs(io["output"]).max()
+    for i, sigma in enumerate(io["sigma"]):
+        out = np.asarray(denoise(x, float(sigma)))[i].transpose(2, 0, 1)
+        assert np.abs(out - io["output"][i]).max() <= 1e-5 * scale
+    if labels is not None:  # integer labels are one-hot encoded
+        d_int, _ = nets.to_denoiser(module, variables, config, labels.argmax(1))
+        assert np.array_equal(d_int(x, 1.0), denoise(x, 1.0))
+    else:
+        with pytest.raises(ValueError, match="unconditional"):
+            nets.to_denoiser(module, variables, config, np.zeros(4, int))
+
+
+def test_edm_schedule_range(converted, loaded):
+    """EDM sampling range: generate.py's [0.002, 80] clipped to the preconditioner's own range."""
+    _, schedule = nets.load_denoiser(converted["edm_ncsnpp_ve_tiny"][0])
+    assert schedule == schedules.VE(sigma_min=0.02, sigma_max=80.0)
+    assert loaded["edm_ncsnpp_ve_tiny"][2]["schedule"] == dict(type="VE", sigma_min=0.02,
+                                                               sigma_max=80.0)
+    assert loaded["edm_adm_edm_tiny"][2]["schedule"] == dict(type="VE", sigma_min=0.002,
+                                                             sigma_max=80.0)
+
+
+@needs_fixtures
+def test_adm_denoiser_uses_eps_half_at_model_time(loaded):
+    """denoise(x, t_n) with t_n = (n + 1) / N is x0 from the fixture's epsilon at timestep n."""
+    _, _, io = _fixture("adm_guided_tiny")
+    module, variables, config = loaded["adm_guided_tiny"]
+    assert config["schedule"] == dict(type="VPDiscrete", noise_schedule="linear",
+                                      diffusion_steps=1000)
+    with pytest.raises(ValueError, match="class-conditional"):
+        nets.to_denoiser(module, variables, config)
+    denoise, schedule = nets.to_denoiser(module, variables, config, io["y"])
+    assert isinstance(schedule, schedules.VPDiscrete) and schedule.num_steps == 1000
+    x = io["x"].transpose(0, 2, 3, 1)
+    eps_ref = io["output"][:, :3].transpose(0, 2, 3, 1)
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    for i, n in enumerate(io["timesteps"]):
+        t = (int(n) + 1) / 1000
+        assert float(schedule.model_time(t)) == pytest.approx(float(n), abs=1e-3)
+        got = np.asarray(denoise(jnp.asarray(x), t))[i]
+        ref = (x[i] - np.sqrt(1 - abar[n]) * eps_ref[i]) / np.sqrt(abar[n])
+        _close(got, ref, 1e-4)
+
+
+def _edm_heun_reference(denoise, x, ts):
+    """EDM Algorithm 2 without churn, written out (VE: t is sigma)."""
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        d = (x - denoise(x, t_cur)) / t_cur
+        x_next = x + (t_next - t_cur) * d
+        if t_next > 0:
+            d2 = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x + (t_next - t_cur) * 0.5 * (d + d2)
+        x = x_next
+    return x
+
+
+@needs_fixtures
+def test_sample_end_to_end_with_heun(loaded):
+    jds = pytest.importorskip("jdiffsample")
+    if not hasattr(jds, "sample"):
+        pytest.skip("jdiffsample.sample is not available yet")
+    from jdiffsample import timesteps
+
+    name = "edm_ddpmpp_vp_tiny"
+    _, _, io = _fixture(name)
+    labels = io["class_labels"]  # the fixture's batch shape: the network is compiled already
+    denoise, schedule = nets.to_denoiser(*loaded[name], labels)
+    ts = timesteps.karras(schedule, 4, final_zero=True)
+    x = jax.random.normal(jax.random.key(0), io["x"].transpose(0, 2, 3, 1).shape) * ts[0]
+    out = np.asarray(jds.sample(denoise, x, ts, schedule, solver="heun"))
+    assert out.shape == x.shape and np.all(np.isfinite(out))
+    ref = np.asarray(_edm_heun_reference(denoise, x, [float(t) for t in ts]))
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())
+
+
+@needs_fixtures
+def test_synthetic_edm_snapshot_via_cli(tmp_path, loaded):
+    """An EDM network-snapshot pickle (persistence objects, nested storage blobs) converts via the
+    CLI with class and kwargs read from the pickle, and reproduces the fixture."""
+    name = "edm_adm_edm_tiny"
+    folder, cfg, _ = _fixture(name)
+    sd = torchfile.load_state_dict(folder / "state_dict.pt", copy=True)
+    sentinel = tmp_path / "pwned"
+    src = f"open({str(sentinel)!r}, 'w').write('executed')\n"
+    net = tp.edm_network(cfg["class_name"], cfg["kwargs"], sd, module_src=src)
+    (tmp_path / "network-snapshot-000100.pkl").write_bytes(tp.edm_snapshot(net))
+    r = run_cli("edm", tmp_path / "network-snapshot-000100.pkl", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert not sentinel.exists()
+    config = nets.load_config(tmp_path / "out")
+    assert config["kwargs"] == cfg["kwargs"] and config["source"]["kind"] == "edm_pickle"
+    _, variables = nets.load(tmp_path / "out")
+    _, reference, _ = loaded[name]  # converted from the fixture's state_dict.pt
+    assert jax.tree.structure(variables) == jax.tree.structure(reference)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, variables, reference)))
+
+
+# ---------------------------------------------------------------------------------------------
+# failures: one clear line on stderr, non-zero exit, nothing at DST
+
+
+def _assert_failed(r, dst, pattern):
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    assert _leftovers(dst) == [], _leftovers(dst)
+
+
+def test_cli_refuses_malicious_pickle(tmp_path):
+    sentinel = tmp_path / "pwned"
+    evil = tp.Reduce(tp.Global("posix", "system"), (f"touch {sentinel}",))
+    net = tp.edm_network("EDMPrecond", {}, {"model.w": np.ones(2, np.float32)},
+                         extra_modules={"x": evil})
+    (tmp_path / "evil.pkl").write_bytes(tp.edm_snapshot(net))
+    r = run_cli("edm", tmp_path / "evil.pkl", tmp_path / "out")
+    _assert_failed(r, tmp_path / "out", r"global posix\.system, which is not on the allow-list")
+    assert not sentinel.exists()
+
+
+def _script(name, monkeypatch):
+    """convert/<name>.py loaded in-process (faster than a subprocess for error paths)."""
+    monkeypatch.syspath_prepend(str(ROOT / "convert"))
+    spec = importlib.util.spec_from_file_location(f"convert_{name}", ROOT / "convert" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_fixtures
+def test_cli_error_paths(tmp_path, monkeypatch, capsys):
+    edm, adm = _script("edm", monkeypatch), _script("adm", monkeypatch)
+    ddpmpp = FIXTURES / "edm_ddpmpp_vp_tiny"
+    adm_dir = FIXTURES / "adm_guided_tiny"
+    raw = (ddpmpp / "state_dict.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 3])
+    (tmp_path / "bad.json").write_text("{not json")
+    cases = [
+        (edm, [ddpmpp / "state_dict.pt", "DST"], r"config with class_name and kwargs"),
+        (edm, [tmp_path / "cut.pt", "DST", "--kwargs", ddpmpp / "config.json"],
+         r"truncated or corrupt"),
+        (edm, [tmp_path / "nope.pkl", "DST"], r"no such file"),
+        (edm, [ddpmpp / "state_dict.pt", "DST", "--kwargs", tmp_path / "bad.json"],
+         r"not valid JSON"),
+        (edm, [ddpmpp / "state_dict.pt", "DST", "--kwargs",
+               FIXTURES / "edm_ncsnpp_ve_tiny" / "config.json"],
+         r"state_dict does not fit VEPrecond"),
+        (edm, [ddpmpp / "state_dict.pt", "DST", "--kwargs", adm_dir / "config.json"],
+         r"unsupported network class 'UNetModel'"),
+        (adm, [adm_dir / "state_dict.pt", "DST", "--preset", "64x64"],
+         r"does not match the UNetModel kwargs.*shape mismatches"),
+        (adm, [adm_dir / "state_dict.pt", "DST", "--preset", "1024x1024"],
+         r"unknown ADM preset '1024x1024'"),
+        (adm, [ddpmpp / "state_dict.pt", "DST", "--config", adm_dir / "config.json"],
+         r"missing keys"),
+        (adm, [adm_dir / "state_dict.pt", "DST", "--config", adm_dir / "config.json",
+               "--key", "ema"], r"no entry 'ema'"),
+    ]
+    for i, (script, args, pattern) in enumerate(cases):
+        dst = tmp_path / f"out{i}"
+        rc = script.main([str(dst) if a == "DST" else str(a) for a in args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and re.search(pattern, err[0]), (i, err)
+        assert _leftovers(dst) == [], (i, _leftovers(dst))
+
+
+@needs_fixtures
+def test_cli_existing_destination_is_kept(tmp_path, monkeypatch, capsys):
+    adm = _script("adm", monkeypatch)
+    folder = FIXTURES / "adm_guided_tiny"
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    args = [str(folder / "state_dict.pt"), str(dst), "--config", str(folder / "config.json")]
+    assert adm.main(args) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    assert adm.main(args + ["--overwrite", "--noise-schedule", "cosine"]) == 0
+    assert nets.load_config(dst)["schedule"]["noise_schedule"] == "cosine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+
+
+def _tiny_variables():
+    return {"params": {"dense": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3).T}},
+            "skip": {"00_a": np.ones((), np.float32)}}
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_save_is_atomic(tmp_path, monkeypatch, exc):
+    class Failing:
+        def save(self, path, tree):
+            Path(path).mkdir(parents=True)
+            (Path(path) / "partial").write_bytes(b"x")
+            raise exc("disk full")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(nets, "_checkpointer", Failing)
+    dst = tmp_path / "a" / "b" / "ckpt"
+    with pytest.raises(exc):
+        nets.save(dst, "edm", "EDMPrecond", {}, _tiny_variables(), extra={"schedule": {}})
+    assert list(tmp_path.iterdir()) == []  # even the parents this call created are gone
+
+
+def test_save_load_round_trip_and_errors(tmp_path):
+    v = _tiny_variables()
+    dst = nets.save(tmp_path / "ck", "adm", "UNetModel", {"image_size": np.int64(8)}, v,
+                    extra={"schedule": {"type": "VE"}, "note": "hi"})
+    cfg = nets.load_config(dst)
+    assert cfg["kwargs"] == {"image_size": 8} and cfg["note"] == "hi"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dst.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0o700
+    with pytest.raises(FileExistsError):
+        nets.save(dst, "adm", "UNetModel", {}, v)
+    with pytest.raises(ValueError, match="unknown network family"):
+        nets.save(tmp_path / "x", "sd", "UNetModel", {}, v)
+    with pytest.raises(ValueError, match="no such directory"):
+        nets.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        nets.load(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="not a jdiffsample network config"):
+        nets.load(tmp_path / "empty")
+
+
+@needs_fixtures
+def test_conversion_memory_is_bounded(tmp_path):
+    """Peak Python-visible allocations while converting stay within 3x the checkpoint size."""
+    folder = FIXTURES / "adm_guided_tiny"
+    size = (folder / "state_dict.pt").stat().st_size
+    nets.convert_adm(folder / "state_dict.pt", tmp_path / "warm", config=folder / "config.json")
+    tracemalloc.start()
+    try:
+        nets.convert_adm(folder / "state_dict.pt", tmp_path / "out", config=folder / "config.json")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= 3 * size, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB checkpoint"

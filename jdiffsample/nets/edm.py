@@ -44,7 +44,9 @@ Precision
 attention matmuls. As in the original fp16 mode, the noise/label mapping network and each block's
 ``affine`` projection run in float32 (the original feeds them float32 noise labels), group norms
 and the attention softmax always compute in float32, and the preconditioner returns float32.
-``use_fp16`` is accepted and recorded but has no effect; choose ``dtype`` instead.
+``use_fp16`` is accepted and recorded but has no effect; choose ``dtype`` instead. On GPUs,
+float32 convolutions and matmuls default to TF32 (about 1e-3 relative error against the
+original); run under ``jax.default_matmul_precision("highest")`` for a float32-exact match.
 
 Dropout and label dropout are applied only when ``deterministic=False`` (they need a
 ``"dropout"`` rng); the default is the original's eval-mode forward. The random initialisation of
@@ -63,6 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.core import FrozenDict
 
 __all__ = [
     "Conv2d",
@@ -645,7 +648,7 @@ class _Precond(nn.Module):
     img_channels: int
     label_dim: int = 0
     use_fp16: bool = False
-    model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    model_kwargs: Mapping[str, Any] = FrozenDict()
     dtype: Dtype = jnp.float32
     deterministic: bool = True
 
@@ -825,7 +828,7 @@ _PRECONDS = {c.__name__: c for c in (VPPrecond, VEPrecond, iDDPMPrecond, EDMPrec
 
 
 def _hashable(value: Any) -> Any:
-    """JSON lists -> tuples, so that module attributes stay hashable."""
+    """JSON lists -> tuples, so that modules stay hashable (usable as static jit arguments)."""
     return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
 
 
@@ -844,7 +847,7 @@ def build(class_name: str, kwargs: Mapping[str, Any], *, dtype: Dtype = jnp.floa
                                                         "parent", "name"}
     precond_kwargs = {k: _hashable(v) for k, v in kwargs.items() if k in own}
     model_kwargs = {k: _hashable(v) for k, v in kwargs.items() if k not in own}
-    module = cls(**precond_kwargs, model_kwargs=model_kwargs, dtype=dtype)
+    module = cls(**precond_kwargs, model_kwargs=FrozenDict(model_kwargs), dtype=dtype)
     module._model_spec()  # validates model_type and the UNet kwargs
     return module
 

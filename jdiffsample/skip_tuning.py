@@ -83,7 +83,7 @@ def scales(variables) -> list[tuple[str, float]]:
 def _check_rho(name: str, value) -> None:
     if isinstance(value, jax.core.Tracer):
         return  # traced: checked by the caller's concrete values, if any
-    if isinstance(value, bool) or np.ndim(value) != 0:
+    if isinstance(value, (bool, str, bytes)) or np.ndim(value) != 0:
         raise ValueError(f"{name} must be a real scalar, got {value!r}")
     try:
         v = float(value)

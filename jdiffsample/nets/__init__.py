@@ -399,6 +399,18 @@ def _count(variables) -> tuple[int, int]:
     return len(leaves), int(sum(np.size(x) for x in leaves))
 
 
+def _to_device_inplace(tree: dict) -> None:
+    """Replace the NumPy leaves of a nested dict by JAX arrays one at a time, so that each host
+    copy is freed as soon as it has moved (Orbax writes JAX arrays with far less extra memory)."""
+    import jax
+
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _to_device_inplace(value)
+        else:
+            tree[key] = jax.device_put(value)
+
+
 def _is_zip(path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"PK\x03\x04"
@@ -447,6 +459,7 @@ def convert_edm(src, dst, config=None, *, key=None, overwrite: bool = False) -> 
     variables = edm.convert_state_dict(class_name, kwargs, state_dict)
     n_tensors = len(state_dict)
     del state_dict  # frees the raw checkpoint before writing
+    _to_device_inplace(variables)
     path = save(dst, "edm", class_name, kwargs, variables, extra=dict(source=source),
                 overwrite=overwrite)
     _, n_params = _count(variables)
@@ -501,7 +514,8 @@ def convert_adm(src, dst, *, preset: str | None = None, config=None, key=None,
     state_dict = torchfile.load_state_dict(src, key=key)
     variables = adm.convert_state_dict(kwargs, state_dict)
     n_tensors = len(state_dict)
-    del state_dict
+    del state_dict  # frees the raw checkpoint before writing
+    _to_device_inplace(variables)
     path = save(dst, "adm", "UNetModel", kwargs, variables,
                 extra=dict(schedule=schedule, source=source), overwrite=overwrite)
     _, n_params = _count(variables)

@@ -297,6 +297,20 @@ def test_cli_existing_destination_is_kept(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@needs_fixtures
+def test_convert_edm_legacy_state_dict(tmp_path, loaded):
+    """A legacy (non-zip) torch.save state_dict converts like the zip one."""
+    name = "edm_ncsnpp_ve_tiny"
+    folder = FIXTURES / name
+    sd = torchfile.load_state_dict(folder / "state_dict.pt")
+    root = OrderedDict((k, tp.array_tensor(v, str(i))) for i, (k, v) in enumerate(sd.items()))
+    (tmp_path / "legacy.pt").write_bytes(tp.legacy_blob(root))
+    info = nets.convert_edm(tmp_path / "legacy.pt", tmp_path / "out", folder / "config.json")
+    assert info["class_name"] == "VEPrecond" and info["tensors"] == len(sd)
+    _, variables = nets.load(tmp_path / "out")
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, variables, loaded[name][1])))
+
+
 # ---------------------------------------------------------------------------------------------
 # save / load
 

@@ -303,9 +303,14 @@ def test_edm_reader_rejects_torch_save_files_and_vice_versa(tmp_path):
     tp.write_zip(tmp_path / "sd.pt", OrderedDict(w=tp.array_tensor(np.ones(2, np.float32), "0")))
     with pytest.raises(CheckpointFormatError, match="not an EDM snapshot"):
         load_edm_pickle(tmp_path / "sd.pt")
+    (tmp_path / "legacy.pt").write_bytes(tp.legacy_blob(OrderedDict()))
+    with pytest.raises(CheckpointFormatError, match="not an EDM snapshot"):
+        load_edm_pickle(tmp_path / "legacy.pt")
     (tmp_path / "s.pkl").write_bytes(tp.edm_snapshot(None))
     with pytest.raises(CheckpointFormatError, match="not a torch.save file.*load_edm_pickle"):
         load_state_dict(tmp_path / "s.pkl")
+    kinds = {p.name: torchfile.file_kind(p) for p in tmp_path.iterdir()}
+    assert kinds == {"sd.pt": "zip", "legacy.pt": "legacy", "s.pkl": "pickle"}
 
 
 # ---------------------------------------------------------------------------------------------

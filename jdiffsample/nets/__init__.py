@@ -411,11 +411,6 @@ def _to_device_inplace(tree: dict) -> None:
             tree[key] = jax.device_put(value)
 
 
-def _is_zip(path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
 def convert_edm(src, dst, config=None, *, key=None, overwrite: bool = False) -> dict:
     """Convert an NVlabs/edm network to a jdiffsample checkpoint at ``dst`` (torch not needed).
 
@@ -438,7 +433,7 @@ def convert_edm(src, dst, config=None, *, key=None, overwrite: bool = False) -> 
     if not src.is_file():
         raise ValueError(f"{src}: no such file")
     cfg = _read_json(config, "config") if config is not None else None
-    if _is_zip(src):
+    if torchfile.file_kind(src) in ("zip", "legacy"):
         if cfg is None:
             raise ValueError(f"{src} is a state_dict file: a config with class_name and kwargs "
                              f"is required (--kwargs JSON_FILE)")

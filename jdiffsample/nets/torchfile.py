@@ -50,6 +50,7 @@ __all__ = [
     "load_state_dict",
     "load_edm_pickle",
     "check_edm_class",
+    "file_kind",
     "EDM_CLASSES",
 ]
 
@@ -673,6 +674,22 @@ def _load_any(f, *, where: str, depth: int = 0, memory=None, use_mmap: bool = Tr
 # ---------------------------------------------------------------------------------------------
 # public API
 
+# The legacy format opens with pickle(MAGIC): LONG1 with a 10-byte little-endian payload.
+_LEGACY_HEAD = b"\x8a\n" + _LEGACY_MAGIC.to_bytes(10, "little")
+
+
+def file_kind(path) -> str:
+    """``'zip'`` (torch.save zip), ``'legacy'`` (legacy torch.save), ``'pickle'`` (any other
+    pickle, e.g. an EDM snapshot) or ``'unknown'``, from the first bytes of the file."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "legacy" if _LEGACY_HEAD in head else "pickle"
+    return "unknown"
+
+
 
 def _check_tensors(sd: Mapping, where: str) -> dict[str, np.ndarray]:
     bad = [(k, v) for k, v in sd.items() if not isinstance(v, np.ndarray)]
@@ -809,13 +826,11 @@ def load_edm_pickle(path, key: str = "ema") -> tuple[str, dict, dict[str, np.nda
       ``state_dict()`` names (``model.enc.16x16_conv.weight`` ...).
     """
     where = str(path)
+    if file_kind(path) in ("zip", "legacy"):
+        raise CheckpointFormatError(
+            f"{where}: a torch.save file, not an EDM snapshot pickle (use load_state_dict with "
+            f"a class_name/kwargs JSON)")
     with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(0)
-        if head[:4] == b"PK\x03\x04":
-            raise CheckpointFormatError(
-                f"{where}: a torch.save zip file, not an EDM snapshot pickle (use "
-                f"load_state_dict with a class_name/kwargs JSON)")
         data = _safe_load(f, where)
     net = data
     if isinstance(data, Mapping):

@@ -297,9 +297,13 @@ def _codecs_encode(text, encoding="utf-8", *unused):
 
 
 def _numpy_scalar(dtype, data=None):
-    """Stand-in for ``numpy.core.multiarray.scalar`` refusing object dtypes."""
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-        raise UnsafeCheckpointError("numpy scalar of an object dtype")
+    """Stand-in for ``numpy.core.multiarray.scalar``: plain dtypes from raw bytes only."""
+    if isinstance(data, str):  # a Python 2 str, decoded as latin1 by the unpickler
+        data = data.encode("latin1")
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafeCheckpointError(f"numpy scalar of dtype {dtype!r} (object dtypes refused)")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise CheckpointFormatError(f"malformed numpy scalar of dtype {dtype}")
     return np.frombuffer(data, dtype, count=1)[0]
 
 
@@ -539,17 +543,15 @@ class _LegacyReader:
         self.storages: dict[str, _Storage] = {}
         self.views: list[tuple[_Storage, _Storage, int]] = []
 
-    def header_check(self, magic):
-        if magic != _LEGACY_MAGIC:
-            raise CheckpointFormatError(
-                f"{self.where}: not a torch.save file (it is a plain pickle; for an EDM snapshot "
-                f"use load_edm_pickle)")
+    def _check_header(self):
+        """Magic number, format version, and a sys-info dict (ignored: storage data is always
+        written little-endian, whatever the host was)."""
+        if self._load() != _LEGACY_MAGIC:
+            raise CheckpointFormatError(f"{self.where}: bad legacy torch.save magic number")
         version = self._load()
         if version != _LEGACY_PROTOCOL:
             raise CheckpointFormatError(f"{self.where}: unsupported legacy version {version!r}")
-        sys_info = self._load()
-        if isinstance(sys_info, Mapping) and sys_info.get("little_endian") is False:
-            pass  # storage data is always written little-endian, whatever the host was
+        self._load()
 
     def _load(self, **kwargs):
         return _safe_load(self.f, self.where, depth=self.depth, **kwargs)
@@ -572,6 +574,7 @@ class _LegacyReader:
         return sub
 
     def load(self):
+        self._check_header()
         root = self._load(persistent_load=self.persistent_load)
         keys = self._load()
         if not isinstance(keys, list):
@@ -648,46 +651,55 @@ def _resolve(obj, memo: dict):
     return obj
 
 
-def _load_any(f, *, where: str, depth: int = 0, memory=None, use_mmap: bool = True):
-    """Load a torch.save stream (zip or legacy); ``f`` is a seekable binary file."""
-    head = f.read(4)
-    f.seek(0)
-    if head[:4] == b"PK\x03\x04":
-        if memory is not None:  # a nested zip blob: read it from memory
-            raise CheckpointFormatError(f"{where}: nested zip storage blobs are not supported")
-        reader = _ZipReader(f.name, use_mmap)
-        try:
-            return _resolve(reader.load(), {})
-        finally:
-            reader.close()
-    if not head or head[0] != 0x80:
-        if head[:3] == b"PK\x05" or head[:2] == b"PK":
-            raise CheckpointFormatError(f"{where}: truncated or corrupt zip archive")
-        raise CheckpointFormatError(
-            f"{where}: not a PyTorch checkpoint (starts with {head!r}; neither the zip format nor "
-            f"a pickle)")
-    reader = _LegacyReader(f, where, depth, memory, use_mmap)
-    reader.header_check(_safe_load(f, where, depth=depth))
-    return reader.load()
-
-
-# ---------------------------------------------------------------------------------------------
-# public API
-
 # The legacy format opens with pickle(MAGIC): LONG1 with a 10-byte little-endian payload.
 _LEGACY_HEAD = b"\x8a\n" + _LEGACY_MAGIC.to_bytes(10, "little")
+
+
+def _kind(head: bytes) -> str:
+    """See :func:`file_kind`; ``head`` is the first 32 bytes."""
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "legacy" if _LEGACY_HEAD in head else "pickle"
+    return "unknown"
 
 
 def file_kind(path) -> str:
     """``'zip'`` (torch.save zip), ``'legacy'`` (legacy torch.save), ``'pickle'`` (any other
     pickle, e.g. an EDM snapshot) or ``'unknown'``, from the first bytes of the file."""
     with open(path, "rb") as f:
-        head = f.read(32)
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"
-    if head[:1] == b"\x80":
-        return "legacy" if _LEGACY_HEAD in head else "pickle"
-    return "unknown"
+        return _kind(f.read(32))
+
+
+def _load_any(f, *, where: str, depth: int = 0, memory=None, use_mmap: bool = True):
+    """Load a torch.save stream (zip or legacy); ``f`` is a seekable binary file."""
+    head = f.read(32)
+    f.seek(0)
+    kind = _kind(head)
+    if kind == "zip":
+        if memory is not None:
+            raise CheckpointFormatError(f"{where}: nested zip storage blobs are not supported")
+        reader = _ZipReader(f.name, use_mmap)
+        try:
+            return reader.load()  # storages are read as they are met: nothing is deferred
+        finally:
+            reader.close()
+    if kind == "legacy":
+        reader = _LegacyReader(f, where, depth, memory, use_mmap)
+        return reader.load()
+    if kind == "pickle":
+        raise CheckpointFormatError(
+            f"{where}: not a torch.save file (it is a plain pickle; for an EDM snapshot use "
+            f"load_edm_pickle)")
+    if head.startswith(b"PK"):
+        raise CheckpointFormatError(f"{where}: truncated or corrupt zip archive")
+    raise CheckpointFormatError(
+        f"{where}: not a PyTorch checkpoint (starts with {head[:8]!r}; neither the zip format "
+        f"nor a pickle)")
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
 
 
 

@@ -134,21 +134,6 @@ def _versions() -> dict:
     return out
 
 
-def _json_ready(x):
-    """NumPy scalars/arrays and tuples -> JSON values (a TypeError names anything else)."""
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Mapping):
-        return {str(k): _json_ready(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_ready(v) for v in x]
-    if x is None or isinstance(x, (str, int, float, bool)):
-        return x
-    raise TypeError(f"cannot store a {type(x).__name__} in config.json")
-
-
 def _checkpointer():
     import orbax.checkpoint as ocp
 
@@ -180,7 +165,12 @@ def save(dst, family: str, class_name: str, kwargs: Mapping[str, Any], variables
         raise ValueError(f"unknown network family {family!r}; expected one of {FAMILIES}")
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a mapping with a 'params' collection")
+    from jdiffsample.nets.torchfile import json_value
+
     extra = dict(extra or {})
+    reserved = {"format", "format_version", "family", "class_name", "kwargs", "versions"}
+    if reserved & set(extra):
+        raise ValueError(f"extra may not set {sorted(reserved & set(extra))}")
     if "schedule" in extra:
         schedule = extra.pop("schedule")
     elif family == "edm":
@@ -188,8 +178,8 @@ def save(dst, family: str, class_name: str, kwargs: Mapping[str, Any], variables
     else:
         schedule = _adm_schedule_info(extra.get("diffusion"))
     config = dict(format=FORMAT, format_version=FORMAT_VERSION, family=family,
-                  class_name=class_name, kwargs=_json_ready(dict(kwargs)),
-                  schedule=_json_ready(schedule), versions=_versions(), **_json_ready(extra))
+                  class_name=class_name, kwargs=json_value(dict(kwargs)),
+                  schedule=json_value(schedule), versions=_versions(), **json_value(extra))
     text = json.dumps(config, indent=1)
 
     dst = Path(dst).absolute()

@@ -51,6 +51,7 @@ __all__ = [
     "load_edm_pickle",
     "check_edm_class",
     "file_kind",
+    "json_value",
     "EDM_CLASSES",
 ]
 
@@ -772,19 +773,20 @@ EDM_CLASSES: dict[str, tuple[tuple[str, ...], str]] = {
 EDM_MODEL_TYPES = ("SongUNet", "DhariwalUNet")
 
 
-def _plain(x):
-    """Convert NumPy scalars/arrays and tuples to JSON-friendly Python values, recursively."""
+def json_value(x):
+    """NumPy scalars/arrays and tuples -> plain JSON values, recursively (``TypeError`` names
+    anything else)."""
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, np.ndarray):
         return x.tolist()
     if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): json_value(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, (str, int, float, bool)) or x is None:
+        return [json_value(v) for v in x]
+    if x is None or isinstance(x, (str, int, float, bool)):
         return x
-    raise CheckpointFormatError(f"constructor argument of unsupported type {type(x).__name__}")
+    raise TypeError(f"a {type(x).__name__} is not a JSON value")
 
 
 def _module_tensors(obj, prefix: str, out: dict, where: str):
@@ -813,7 +815,10 @@ def check_edm_class(class_name: str, kwargs: Mapping, where: str = "EDM network"
         raise CheckpointFormatError(
             f"{where}: unsupported network class {class_name!r} (supported: "
             f"{', '.join(EDM_CLASSES)})")
-    init = _plain(kwargs)
+    try:
+        init = json_value(kwargs)
+    except TypeError as e:
+        raise CheckpointFormatError(f"{where}: unsupported constructor argument ({e})") from None
     init.setdefault("model_type", EDM_CLASSES[class_name][1])
     if init["model_type"] not in EDM_MODEL_TYPES:
         raise CheckpointFormatError(

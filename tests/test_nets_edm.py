@@ -214,6 +214,17 @@ def test_skip_encoder_and_decoder_layout():
     assert variables["params"]["model"]["map_augment"]["kernel"].shape == (9, 16)
 
 
+def test_bare_unet_owns_flat_skip_variables():
+    unet = edm.DhariwalUNet(img_resolution=16, in_channels=3, out_channels=3, model_channels=16,
+                            channel_mult=(1, 2), num_blocks=1, attn_resolutions=())
+    x = jnp.zeros((1, 16, 16, 3))
+    variables = jax.eval_shape(unet.init, jax.random.key(0), x, jnp.zeros(1))
+    assert list(variables["skip"]) == list(unet.skip_names) == [
+        "00_8x8_block0", "01_8x8_block1", "02_16x16_block0", "03_16x16_block1"]
+    assert set(variables["params"]) == {"map_layer0", "map_layer1", "enc", "dec", "out_norm",
+                                        "out_conv"}
+
+
 def test_dhariwal_layout_with_attention():
     kwargs = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=64,
                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])

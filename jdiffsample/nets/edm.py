@@ -77,6 +77,7 @@ __all__ = [
     "VEPrecond",
     "iDDPMPrecond",
     "EDMPrecond",
+    "FourierEmbedding",
     "positional_embedding",
     "build",
     "convert_state_dict",
@@ -225,17 +226,16 @@ class UNetBlock(nn.Module):
         s, out = self.style, self.out_channels
         resample = dict(up=self.up, down=self.down, resample_filter=s.resample_filter,
                         dtype=self.dtype)
-        norm = lambda name: GroupNorm(eps=s.eps, dtype=self.dtype, name=name)  # noqa: E731
 
         orig = x
-        x = Conv2d(out, 3, name="conv0", **resample)(nn.silu(norm("norm0")(x)))
+        x = Conv2d(out, 3, name="conv0", **resample)(nn.silu(self._norm("norm0")(x)))
         params = _dense(out * (2 if s.adaptive_scale else 1), "affine")(emb)
         params = params[:, None, None, :].astype(x.dtype)
         if s.adaptive_scale:
             scale, shift = jnp.split(params, 2, axis=-1)
-            x = nn.silu(shift + norm("norm1")(x) * (scale + 1))
+            x = nn.silu(shift + self._norm("norm1")(x) * (scale + 1))
         else:
-            x = nn.silu(norm("norm1")(x + params))
+            x = nn.silu(self._norm("norm1")(x + params))
         x = nn.Dropout(s.dropout)(x, deterministic=self.deterministic)
         x = Conv2d(out, 3, dtype=self.dtype, name="conv1")(x)
 
@@ -245,7 +245,7 @@ class UNetBlock(nn.Module):
         x = (x + orig) * s.skip_scale
 
         if self.num_heads:
-            x = x + self._attention(norm("norm2")(x), self.num_heads)
+            x = x + self._attention(self._norm("norm2")(x), self.num_heads)
             x = x * s.skip_scale
         return x
 
@@ -256,6 +256,9 @@ class UNetBlock(nn.Module):
             return 0
         s = self.style
         return s.num_heads if s.num_heads is not None else self.out_channels // s.channels_per_head
+
+    def _norm(self, name: str) -> GroupNorm:
+        return GroupNorm(eps=self.style.eps, dtype=self.dtype, name=name)
 
     def _attention(self, x: jax.Array, heads: int) -> jax.Array:
         """Self-attention over all pixels; the qkv channels are interleaved as
@@ -462,15 +465,17 @@ def _block(layer: _Layer, style: _BlockStyle, dtype: Dtype, deterministic: bool)
                      name=layer.name)
 
 
+def _skip_variables(module: nn.Module, names: Sequence[str]) -> list[jax.Array]:
+    """The Skip-Tuning scales, as variables of ``module`` in the flat ``"skip"`` collection."""
+    return [module.variable("skip", n, lambda: jnp.ones((), jnp.float32)).value for n in names]
+
+
 class _UNet(nn.Module):
-    """Shared parts of the two EDM UNets: skip scales and label dropout."""
+    """Shared parts of the two EDM UNets: skip scales, class and augmentation labels."""
 
     def _skip_scales(self, skip_scales: Sequence[jax.Array] | None) -> Sequence[jax.Array]:
         """The given scales, or this module's own ``"skip"`` variables when it is the top level."""
-        if skip_scales is not None:
-            return skip_scales
-        return [self.variable("skip", n, lambda: jnp.ones((), jnp.float32)).value
-                for n in self.skip_names]
+        return _skip_variables(self, self.skip_names) if skip_scales is None else skip_scales
 
     def _labels(self, class_labels: jax.Array | None, batch: int) -> jax.Array:
         if class_labels is None:
@@ -481,6 +486,13 @@ class _UNet(nn.Module):
             keep = jax.random.uniform(self.make_rng("dropout"), (batch, 1)) >= self.label_dropout
             labels = labels * keep.astype(labels.dtype)
         return labels
+
+    def _augment(self, augment_labels, batch: int, features: int) -> jax.Array:
+        """``map_augment(augment_labels)``; absent labels contribute exactly zero (the
+        parameters exist either way, as in the original)."""
+        if augment_labels is None:
+            augment_labels = jnp.zeros((batch, self.augment_dim), jnp.float32)
+        return _dense(features, "map_augment", use_bias=False)(augment_labels)
 
     @property
     def skip_names(self) -> tuple[str, ...]:
@@ -558,12 +570,6 @@ class SongUNet(_UNet):
         _, aux = decoder(x, emb, skips, self._skip_scales(skip_scales))
         return aux
 
-    def _augment(self, augment_labels, batch, features):
-        """``map_augment(augment_labels)``; absent labels contribute exactly zero."""
-        if augment_labels is None:
-            augment_labels = jnp.zeros((batch, self.augment_dim), jnp.float32)
-        return _dense(features, "map_augment", use_bias=False)(augment_labels)
-
 
 class DhariwalUNet(_UNet):
     """ADM UNet (EDM's reimplementation of Dhariwal & Nichol), NHWC.
@@ -588,7 +594,7 @@ class DhariwalUNet(_UNet):
     dtype: Dtype = jnp.float32
     deterministic: bool = True
 
-    resample_filter = (1, 1)
+    resample_filter = (1, 1)  # fixed: nearest-neighbour up, 2x2 mean down
 
     @property
     def layers(self) -> tuple[tuple[_Layer, ...], tuple[_Layer, ...]]:
@@ -608,7 +614,7 @@ class DhariwalUNet(_UNet):
         # Mapping: [cos, sin] embedding, augmentation, MLP, then labels (no sqrt scaling).
         emb = positional_embedding(noise_labels, self.model_channels)
         if self.augment_dim:
-            emb = emb + self._augment(augment_labels, x.shape[0])
+            emb = emb + self._augment(augment_labels, x.shape[0], self.model_channels)
         emb = nn.silu(_dense(emb_channels, "map_layer0")(emb))
         emb = _dense(emb_channels, "map_layer1")(emb)
         if self.label_dim:
@@ -622,12 +628,6 @@ class DhariwalUNet(_UNet):
         x, _ = decoder(x, emb, skips, self._skip_scales(skip_scales))
         x = nn.silu(GroupNorm(eps=1e-5, dtype=self.dtype, name="out_norm")(x))
         return Conv2d(self.out_channels, 3, dtype=self.dtype, name="out_conv")(x)
-
-    def _augment(self, augment_labels, batch):
-        """``map_augment(augment_labels)``; absent labels contribute exactly zero."""
-        if augment_labels is None:
-            augment_labels = jnp.zeros((batch, self.augment_dim), jnp.float32)
-        return _dense(self.model_channels, "map_augment", use_bias=False)(augment_labels)
 
 
 _UNETS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
@@ -696,8 +696,7 @@ class _Precond(nn.Module):
 
         unet, kwargs = self._model_spec()
         model = unet(**kwargs, name="model")
-        scales = [self.variable("skip", n, lambda: jnp.ones((), jnp.float32)).value
-                  for n in model.skip_names]
+        scales = _skip_variables(self, model.skip_names)
         c_skip, c_out, c_in, c_noise = self._coefficients(sigma)
         c_noise = jnp.broadcast_to(c_noise.reshape(-1), (x.shape[0],))
         f_x = model((c_in * x).astype(self.dtype), c_noise, class_labels, augment_labels,

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from collections import OrderedDict
 from pathlib import Path
@@ -28,9 +29,20 @@ needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"golden fixtures not found at {FIXTURES} (../shared/fixtures)")
 
 
+def _no_torch_dir() -> str:
+    """A directory whose ``torch`` package raises ImportError: put first on PYTHONPATH, it
+    proves the converters never import torch."""
+    folder = Path(tempfile.gettempdir()) / f"jdiffsample-no-torch-{os.getuid()}"
+    (folder / "torch").mkdir(parents=True, exist_ok=True)
+    (folder / "torch" / "__init__.py").write_text(
+        'raise ImportError("torch is blocked: the converters must not need it")\n')
+    return str(folder)
+
+
 def run_cli(script, *args):
-    """Run convert/<script>.py in a subprocess; returns the CompletedProcess."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    """Run convert/<script>.py in a subprocess with torch blocked; returns the CompletedProcess."""
+    path = os.pathsep.join(p for p in (_no_torch_dir(), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
     return subprocess.run([sys.executable, str(ROOT / "convert" / f"{script}.py"), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=300)
 

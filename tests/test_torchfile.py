@@ -9,7 +9,6 @@ import json
 import pickle
 import sys
 import types
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 

@@ -30,19 +30,20 @@ def _gmm(dim=64, k=4, seed=0, var=(0.2, 0.6)):
 # ------------------------------------------------------------------------------------------------
 # Convergence order
 
-# (solver, options, expected global order). Warm-up starts every multistep method at order 1 (UniPC:
-# order 1 plus its corrector), which caps the asymptotic order: DPM-Solver++(3M) as the other
-# libraries compute it is second order, UniPC-p is order p + 1 capped at 3 by its first step.
+# (solver, options, (lowest, highest) global order). Warm-up starts every multistep method at order 1
+# (UniPC: order 1 plus its corrector), which caps the asymptotic order at 3 for UniPC-3 and
+# SA-Solver(3, 3), whose nominal order is 4: the measured slope must lie in that range. DPM-Solver++
+# (3M) as the other libraries compute it is second order.
 ORDER_CASES = [
-    ("ddim", {}, 1),
-    ("euler", {}, 1),
-    ("heun", {}, 2),
-    ("dpmpp", dict(order=2), 2),
-    ("dpmpp", dict(order=3, lower_order_final=False), 2),
-    ("unipc", dict(order=1, lower_order_final=False), 2),
-    ("unipc", dict(order=2, lower_order_final=False), 3),
-    ("unipc", dict(order=3, lower_order_final=False, variant="bh2"), 3),
-    ("sa_solver", dict(tau=0.0, predictor_order=3, corrector_order=3, lower_order_final=False), 3),
+    ("ddim", {}, (1, 1)),
+    ("euler", {}, (1, 1)),
+    ("heun", {}, (2, 2)),
+    ("dpmpp", dict(order=2), (2, 2)),
+    ("dpmpp", dict(order=3, lower_order_final=False), (2, 2)),
+    ("unipc", dict(order=1, lower_order_final=False), (2, 2)),
+    ("unipc", dict(order=2, lower_order_final=False), (3, 3)),
+    ("unipc", dict(order=3, lower_order_final=False, variant="bh2"), (3, 4)),
+    ("sa_solver", dict(tau=0.0, predictor_order=3, corrector_order=3, lower_order_final=False), (3, 4)),
 ]
 
 
@@ -50,28 +51,34 @@ ORDER_CASES = [
 def order_problem():
     with schedules.float64():
         sch = schedules.VPLinear()
-        gmm = _gmm()
+        gmm = models.GaussianMixture.random(jax.random.key(0), 64, 4, spread=0.5, var_range=(0.2, 0.6))
         den = gmm.denoiser(sch)
         x0 = gmm.sample_marginal(jax.random.key(1), 4, sch.t_max, sch, dtype=jnp.float64)
         ref = jdiffsample.sample(
             den, x0, timesteps.logsnr(sch, 800), sch, solver="sa_solver", tau=0.0,
             predictor_order=4, corrector_order=4, lower_order_final=False,
         )
-        ref_b = jdiffsample.sample(den, x0, timesteps.logsnr(sch, 800), sch, solver="heun")
-        assert float(jnp.max(jnp.abs(ref - ref_b))) < 1e-5  # two independent solvers agree
+        # Cross-checks: EDM's Heun (separate code, second order) and UniPC-3 on the same fine grid.
+        heun = jdiffsample.sample(den, x0, timesteps.logsnr(sch, 800), sch, solver="heun")
+        assert float(jnp.max(jnp.abs(ref - heun))) < 2e-4
+        unipc = jdiffsample.sample(
+            den, x0, timesteps.logsnr(sch, 800), sch, solver="unipc", order=3, lower_order_final=False
+        )
+        assert float(jnp.max(jnp.abs(ref - unipc))) < 1e-6
         return sch, den, x0, ref
 
 
 @pytest.mark.parametrize("solver,options,expected", ORDER_CASES, ids=lambda v: str(v))
 def test_convergence_order(order_problem, solver, options, expected):
     sch, den, x0, ref = order_problem
-    steps = [24, 34, 48, 68]
+    steps = [32, 45, 64, 90]
     errors = []
     for n in steps:
         x = jdiffsample.sample(den, x0, timesteps.logsnr(sch, n), sch, solver=solver, **options)
         errors.append(float(jnp.sqrt(jnp.mean((x - ref) ** 2))))
     slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
-    assert abs(slope - expected) < 0.3, (errors, slope)
+    lowest, highest = expected
+    assert lowest - 0.3 < slope < highest + 0.3, (errors, slope)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,7 +201,7 @@ def test_ddim_eta1_matches_ddpm_posterior_step():
     [
         ("sa_solver", dict(tau=1.0)),
         ("sa_solver", dict(predictor_order=2, corrector_order=2)),  # the paper's default tau window
-        ("ddim", dict(eta=1.0)),
+        ("ddim", dict(eta=1.0)),  # first order: its variance bias is 15% at 40 steps, 2% at 400
         ("heun", dict(s_churn=20.0, s_tmin=0.05, s_tmax=1.0)),
     ],
     ids=str,
@@ -205,7 +212,7 @@ def test_stochastic_moments(solver, options):
     den = gmm.denoiser(sch)
     n = 20000
     x = gmm.sample_marginal(jax.random.key(7), n, sch.t_max, sch, dtype=jnp.float64)
-    ts = timesteps.logsnr(sch, 40)
+    ts = timesteps.logsnr(sch, 400 if solver == "ddim" else 40)
     out = np.asarray(jdiffsample.sample(den, x, ts, sch, solver=solver, key=jax.random.key(11), **options))
     mean, cov = gmm.mean(), gmm.covariance()
     se_mean = np.sqrt(np.diag(cov) / n)

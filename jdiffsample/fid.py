@@ -1,0 +1,132 @@
+"""FID with a user-supplied feature network (e.g. InceptionV3), loaded without pickles.
+
+No Inception weights ship with jdiffsample, and this module has **no InceptionV3 architecture
+of its own**: the feature network is a serialized ``jax.export`` function, a *feature file*, which
+holds the architecture and the weights as StableHLO (no Python code is executed on loading).
+Make one once from any JAX implementation of pytorch-fid's InceptionV3 (for instance the Flax
+port in matthias-wright/jax-fid, with pytorch-fid's ``pt_inception-2015-12-05`` weights)::
+
+    from jdiffsample import fid
+    apply = lambda x: inception.apply(params, x)        # [B, 299, 299, 3] in [-1, 1] -> [B, 2048]
+    fid.save_extractor(apply, (299, 299, 3), "inception.jaxexport")
+
+Then::
+
+    extractor = fid.load_extractor("inception.jaxexport")
+    ref = fid.load_stats("fid_stats_cifar10_train.npz")   # pytorch-fid's format: mu, sigma
+    score = fid.fid(images, extractor, ref)               # images [N, H, W, C] in [-1, 1]
+
+The feature file format: the bytes of ``jax.export.Exported.serialize()`` for a function of one
+float32 argument ``[B, *image_shape]`` (``B`` symbolic, or fixed; then batches are padded) that
+returns features ``[B, D]``. Images are resized by the caller: :func:`fid` checks the shape only.
+Reference statistics are ``.npz`` files with ``mu [D]`` and ``sigma [D, D]``, as pytorch-fid writes
+them (``--save-stats``); :func:`save_stats` writes the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from jdiffsample.metrics import feature_stats, frechet_distance
+
+__all__ = ["Extractor", "save_extractor", "load_extractor", "compute_stats", "save_stats",
+           "load_stats", "fid"]
+
+
+class Extractor:
+    """A loaded feature network: ``extractor(images) -> features [N, D]`` (float64 NumPy)."""
+
+    def __init__(self, exported):
+        aval = exported.in_avals
+        if len(aval) != 1 or len(exported.out_avals) != 1 or len(exported.out_avals[0].shape) != 2:
+            raise ValueError("a feature file must hold a function of one image batch "
+                             "[B, ...] returning features [B, D]")
+        self._exported = exported
+        shape = aval[0].shape
+        self.image_shape = tuple(int(d) for d in shape[1:])
+        self.batch = shape[0] if isinstance(shape[0], int) else None  # None: symbolic
+        self.dim = int(exported.out_avals[0].shape[1])
+
+    def __call__(self, images, batch_size: int = 256) -> np.ndarray:
+        import jax.numpy as jnp
+
+        images = np.asarray(images, np.float32)
+        if images.shape[1:] != self.image_shape:
+            raise ValueError(f"the feature network takes images {self.image_shape}, got "
+                             f"{images.shape[1:]} (resize them first)")
+        step = self.batch or batch_size
+        out = []
+        for i in range(0, images.shape[0], step):
+            chunk = images[i:i + step]
+            n = chunk.shape[0]
+            if self.batch is not None and n < self.batch:  # fixed batch: pad the last one
+                chunk = np.concatenate([chunk, np.zeros((self.batch - n, *self.image_shape),
+                                                        np.float32)])
+            out.append(np.asarray(self._exported.call(jnp.asarray(chunk)), np.float64)[:n])
+        return np.concatenate(out) if out else np.zeros((0, self.dim))
+
+
+def save_extractor(fn: Callable, image_shape, path, batch: int | None = None) -> Path:
+    """Serialize ``fn`` (images ``[B, *image_shape]`` float32 -> features ``[B, D]``) to ``path``.
+
+    ``batch=None`` exports a symbolic batch dimension (any batch size); give an int for
+    functions that cannot be exported that way.
+    """
+    import jax
+    from jax import export
+
+    if batch is None:
+        (b,) = export.symbolic_shape("b")
+    else:
+        b = int(batch)
+    spec = jax.ShapeDtypeStruct((b, *image_shape), np.float32)
+    exported = export.export(jax.jit(fn))(spec)
+    path = Path(path)
+    path.write_bytes(exported.serialize())
+    return path
+
+
+def load_extractor(path) -> Extractor:
+    """A feature network from a file written by :func:`save_extractor`."""
+    from jax import export
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot read the feature file {path}: {e.strerror}") from None
+    try:
+        exported = export.deserialize(bytearray(data))
+    except Exception as e:  # flatbuffer errors have no common type
+        raise ValueError(f"{path} is not a jax.export feature file ({type(e).__name__}: {e})") from e
+    return Extractor(exported)
+
+
+def compute_stats(images, extractor: Callable, batch_size: int = 256):
+    """``(mu, sigma)`` of ``extractor``'s features of ``images``."""
+    return feature_stats(extractor(images, batch_size=batch_size))
+
+
+def save_stats(path, mu, sigma) -> None:
+    """Write reference statistics in pytorch-fid's ``.npz`` layout (``mu``, ``sigma``)."""
+    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+
+
+def load_stats(path):
+    """``(mu, sigma)`` from a pytorch-fid style ``.npz``."""
+    with np.load(path, allow_pickle=False) as f:
+        if "mu" not in f or "sigma" not in f:
+            raise ValueError(f"{path}: reference statistics need arrays 'mu' and 'sigma'")
+        return f["mu"], f["sigma"]
+
+
+def fid(images, extractor: Callable, reference, batch_size: int = 256) -> float:
+    """FID of ``images`` against ``reference``: ``(mu, sigma)``, a stats ``.npz`` path, or
+    reference images (whose statistics are computed with the same extractor)."""
+    if isinstance(reference, (str, Path)):
+        reference = load_stats(reference)
+    elif not isinstance(reference, tuple):
+        reference = compute_stats(reference, extractor, batch_size)
+    return frechet_distance(*compute_stats(images, extractor, batch_size), *reference)

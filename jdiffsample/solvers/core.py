@@ -274,29 +274,40 @@ def multistep(
     noise_std = jnp.where(is_last_zero, 0.0, noise_std)
     wp = jnp.where(is_last_zero[:, None], jnp.eye(wp.shape[1], dtype=dtype)[0], wp)
 
-    # The corrector of step k is applied at the start of step k + 1, after the model call at t_{k+1}.
-    has_corr = np.concatenate([[False], np.asarray(plan.corr_order[:-1]) > 0])
-    shift = lambda a: jnp.concatenate([jnp.zeros_like(a[:1]), a[:-1]])  # noqa: E731
-    xs = dict(
-        t=t_safe[:-1], step=jnp.arange(n_steps), mult=mult, wp=wp, noise=noise_std,
-        c_mult=shift(mult), c_w=shift(wc), c_noise=shift(noise_std), has_corr=jnp.asarray(has_corr),
-    )
+    # History: a ring buffer of the last H data predictions; prediction of step k sits in slot k % H.
+    # Instead of shifting the buffer, the weights (indexed by age j) are permuted into slot order.
     hist_len = plan.history
+    steps = np.arange(n_steps)[:, None]
+    slots = np.arange(hist_len)[None, :]
+    xs = dict(t=t_safe[:-1], step=jnp.arange(n_steps), mult=mult, noise=noise_std)
+    xs["wp"] = wp[:, :hist_len][np.arange(n_steps)[:, None], (steps - slots) % hist_len]
+
+    # The corrector of step k is applied at the start of step k + 1, after the model call at t_{k+1}.
+    use_corrector = max(plan.corr_order) > 0
+    if use_corrector:
+        shift = lambda a: jnp.concatenate([jnp.zeros_like(a[:1]), a[:-1]])  # noqa: E731
+        c_hist = wc[:, 1 : hist_len + 1][np.arange(n_steps)[:, None], (steps - slots) % hist_len]
+        xs.update(
+            c_mult=shift(mult), c_new=shift(wc[:, 0]), c_hist=shift(c_hist), c_noise=shift(noise_std),
+            has_corr=jnp.asarray(np.concatenate([[False], np.asarray(plan.corr_order[:-1]) > 0])),
+        )
     combine = lambda w, stack: jnp.tensordot(w, stack, axes=1)  # noqa: E731
 
     def step(carry, s):
         x_eval, x_prev, hist, xi_prev = carry
         m = denoise(x_eval, s["t"]).astype(dtype)
-        corrected = (
-            s["c_mult"] * x_prev
-            + s["c_w"][0] * m
-            + combine(s["c_w"][1:], hist)
-            + s["c_noise"] * xi_prev
-        )
-        x_cur = jnp.where(s["has_corr"], corrected, x_eval)
-        hist = jnp.concatenate([m[None], hist[:-1]])
-        xi = normal(key, s["step"], x.shape, dtype) if stochastic else xi_prev
-        x_next = s["mult"] * x_cur + combine(s["wp"], hist) + s["noise"] * xi
+        x_cur = x_eval
+        if use_corrector:  # hist still holds steps k-1, k-2, ...: c_hist is permuted for step k-1
+            corrected = s["c_mult"] * x_prev + s["c_new"] * m + combine(s["c_hist"], hist)
+            if stochastic:
+                corrected = corrected + s["c_noise"] * xi_prev
+            x_cur = jnp.where(s["has_corr"], corrected, x_eval)
+        hist = jax.lax.dynamic_update_index_in_dim(hist, m, s["step"] % hist_len, 0)
+        x_next = s["mult"] * x_cur + combine(s["wp"], hist)
+        xi = xi_prev
+        if stochastic:
+            xi = normal(key, s["step"], x.shape, dtype)
+            x_next = x_next + s["noise"] * xi
         return (x_next, x_cur, hist, xi), (x_cur if return_trajectory else None)
 
     init = (x, x, jnp.zeros((hist_len, *x.shape), dtype), jnp.zeros_like(x))

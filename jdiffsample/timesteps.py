@@ -6,6 +6,9 @@ dtype. ``t_start``/``t_end`` default to the schedule's ``t_max``/``t_min``.
 
 from __future__ import annotations
 
+import contextlib
+
+import jax
 import numpy as np
 
 from jdiffsample.schedules import Schedule, float64
@@ -28,13 +31,21 @@ def _check_n(n_steps) -> int:
     return int(n_steps)
 
 
+def _host():
+    """Grids are host constants: evaluate eagerly in float64, even when called inside a trace."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(float64())
+    stack.enter_context(jax.ensure_compile_time_eval())
+    return stack
+
+
 def _lam(schedule, t):
-    with float64():
+    with _host():
         return float(schedule.lam(np.float64(t)))
 
 
 def _t(schedule, lam):
-    with float64():
+    with _host():
         return np.asarray(schedule.t_from_lam(np.asarray(lam, dtype=np.float64)), dtype=np.float64)
 
 

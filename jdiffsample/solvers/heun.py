@@ -73,23 +73,20 @@ def _edm_loop(
     return x_end * scale[-1]
 
 
-def euler(
-    denoise, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-    s_noise: float = 1.0, key=None, return_trajectory: bool = False,
-):
-    """Euler steps on the EDM ODE (with optional churn). Deterministically identical to DDIM."""
-    return _edm_loop(
-        denoise, x, ts, schedule, second_order=False, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
-        s_noise=s_noise, key=key, return_trajectory=return_trajectory,
-    )
+def _edm_solver(second_order: bool, name: str, doc: str):
+    def solver(
+        denoise, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: float = 0.0,
+        s_tmax: float = float("inf"), s_noise: float = 1.0, key=None, return_trajectory: bool = False,
+    ):
+        return _edm_loop(
+            denoise, x, ts, schedule, second_order=second_order, s_churn=s_churn, s_tmin=s_tmin,
+            s_tmax=s_tmax, s_noise=s_noise, key=key, return_trajectory=return_trajectory,
+        )
+
+    solver.__name__ = solver.__qualname__ = name
+    solver.__doc__ = doc
+    return solver
 
 
-def heun(
-    denoise, x, ts, schedule, *, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-    s_noise: float = 1.0, key=None, return_trajectory: bool = False,
-):
-    """EDM's Heun sampler, Algorithm 2 (deterministic with the default ``s_churn = 0``)."""
-    return _edm_loop(
-        denoise, x, ts, schedule, second_order=True, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
-        s_noise=s_noise, key=key, return_trajectory=return_trajectory,
-    )
+euler = _edm_solver(False, "euler", "Euler steps on the EDM ODE (with optional churn). Deterministically identical to DDIM.")
+heun = _edm_solver(True, "heun", "EDM's Heun sampler, Algorithm 2 (deterministic with the default ``s_churn = 0``).")

@@ -1,0 +1,99 @@
+"""``jdiffsample steps``: an optimized time grid, printed as JSON.
+
+By default the grid minimizes the model-free error bound of Xue et al. (2024)
+(``jdiffsample.optimize.optimize_timesteps``). With ``--learned`` it is instead learned through the
+solver on a random Gaussian mixture (a stand-in for a model, with an exact denoiser) against a
+fine-grid teacher, with progress lines on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+HELP = "optimize a sampling time grid (the error bound of Xue et al. 2024, or learned) and print it as JSON"
+
+_SCHEDULES = ("vp-linear", "vp-cosine", "vp-discrete", "ve")
+_SOLVERS = ("unipc", "dpmpp")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--schedule", choices=_SCHEDULES, default="vp-linear", help="noise schedule")
+    parser.add_argument("--nfe", type=int, default=10, help="number of model calls = steps (default 10)")
+    parser.add_argument("--solver", choices=_SOLVERS, default="unipc", help="multistep solver (default unipc)")
+    parser.add_argument("--order", type=int, default=3, help="solver order, 1-3 (default 3)")
+    parser.add_argument("--init", default="logsnr", choices=("logsnr", "uniform", "quadratic", "karras"),
+                        help="initial grid (default logsnr)")
+    parser.add_argument("--p", type=float, default=1.0,
+                        help="error weight sigma^p / alpha: 1 for pixel, 2 for latent models (default 1)")
+    parser.add_argument("--trunc", type=int, default=None,
+                        help="steps combined as a root-sum-of-squares (default: 3 for NFE <= 6, else 0)")
+    parser.add_argument("--paper", action="store_true", help="the paper's equation instead of the authors' code")
+    parser.add_argument("--t-start", type=float, default=None, help="first (noisiest) time; default the schedule's")
+    parser.add_argument("--t-end", type=float, default=None, help="last time; default the schedule's")
+    learned = parser.add_argument_group("learned grid (--learned): on a random Gaussian mixture")
+    learned.add_argument("--learned", action="store_true", help="learn the grid through the solver instead")
+    learned.add_argument("--dim", type=int, default=64, help="data dimension (default 64)")
+    learned.add_argument("--components", type=int, default=8, help="mixture components (default 8)")
+    learned.add_argument("--batch", type=int, default=128, help="training noises; as many held out (default 128)")
+    learned.add_argument("--maxiter", type=int, default=100, help="learning iterations (default 100)")
+    learned.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _learned(args, schedule, settings):
+    import jax
+    import jax.numpy as jnp
+
+    from jdiffsample import models, optimize, timesteps
+
+    if args.dim < 1 or args.components < 1 or args.batch < 1:
+        raise ValueError("--dim, --components and --batch must be positive")
+    keys = jax.random.split(jax.random.key(args.seed), 3)
+    mixture = models.GaussianMixture.random(keys[0], args.dim, args.components)
+    ts_init = timesteps.get(args.init, schedule, args.nfe, t_start=args.t_start, t_end=args.t_end)
+    noise, held = (mixture.sample_marginal(k, args.batch, ts_init[0], schedule, dtype=jnp.float32) for k in keys[1:])
+
+    def progress(it, ts, train, holdout):
+        print(f"steps: iter {it:4d}  train mse {train:.4e}  held-out mse {holdout:.4e}", file=sys.stderr, flush=True)
+
+    result = optimize.learn_timesteps(
+        mixture.denoiser(schedule), schedule, args.solver, noise, ts_init, holdout=held, maxiter=args.maxiter,
+        callback=progress, order=args.order,
+    )
+    settings.update(dim=args.dim, components=args.components, batch=args.batch, seed=args.seed, maxiter=args.maxiter)
+    return dict(
+        times=result.ts.tolist(), lambdas=result.lams.tolist(), train_mse=result.train_error,
+        holdout_mse=result.holdout_error, init_train_mse=result.init_train_error,
+        init_holdout_mse=result.init_holdout_error, iterations=result.iterations, settings=settings,
+    )
+
+
+def run(args) -> int:
+    from jdiffsample import optimize, schedules
+
+    if args.nfe < 1:
+        raise ValueError(f"--nfe must be a positive integer, got {args.nfe}")
+    if not 1 <= args.order <= 3:
+        raise ValueError(f"--order must be 1, 2 or 3, got {args.order}")
+    schedule = schedules.get(args.schedule)
+    settings = dict(
+        schedule=args.schedule, nfe=args.nfe, solver=args.solver, order=args.order, init=args.init,
+        t_start=args.t_start, t_end=args.t_end,
+    )
+    if args.learned:
+        settings["method"] = "learned"
+        out = _learned(args, schedule, settings)
+    else:
+        result = optimize.optimize_timesteps(
+            schedule, args.nfe, args.t_start, args.t_end, order=args.order, p=args.p, init=args.init,
+            trunc=args.trunc, paper=args.paper,
+        )
+        trunc = None if args.paper else (optimize.default_trunc(args.nfe) if args.trunc is None else args.trunc)
+        settings.update(method="surrogate", p=args.p, trunc=trunc, paper=args.paper)
+        out = dict(
+            times=result.ts.tolist(), lambdas=result.lams.tolist(), objective=result.objective,
+            init_objective=result.init_objective, iterations=result.iterations, settings=settings,
+        )
+    settings["t_start"], settings["t_end"] = out["times"][0], out["times"][-1]
+    print(json.dumps(out, indent=2))
+    return 0

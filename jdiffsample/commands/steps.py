@@ -20,7 +20,9 @@ _SOLVERS = ("unipc", "dpmpp")
 def add_arguments(parser) -> None:
     parser.add_argument("--schedule", choices=_SCHEDULES, default="vp-linear", help="noise schedule")
     parser.add_argument("--nfe", type=int, default=10, help="number of model calls = steps (default 10)")
-    parser.add_argument("--solver", choices=_SOLVERS, default="unipc", help="multistep solver (default unipc)")
+    parser.add_argument("--solver", choices=_SOLVERS, default="unipc",
+                        help="the multistep solver the grid is for (default unipc); the bound models either as "
+                             "an order --order Adams method with lower-order final steps, --learned runs it")
     parser.add_argument("--order", type=int, default=3, help="solver order, 1-3 (default 3)")
     parser.add_argument("--init", default="logsnr", choices=("logsnr", "uniform", "quadratic", "karras"),
                         help="initial grid (default logsnr)")

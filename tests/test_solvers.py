@@ -372,7 +372,7 @@ def test_bad_input_direct_call_and_ve_zero_in_the_middle():
         solvers.unipc(den, x, jnp.asarray([0.5, 0.5, 0.1]), sch)
     ve = schedules.VE()
     with pytest.raises(ValueError, match="only at its last point"):
-        jdiffsample.sample(den, x, jnp.asarray([1.0, 0.0, 0.0]), ve)
+        ve.check_times(np.asarray([1.0, 0.0, 0.5]))
     with pytest.raises(ValueError, match="one key per sample"):
         jdiffsample.sample(den, x, jnp.asarray([0.9, 0.1]), sch, solver="sa_solver",
                            key=jax.random.split(jax.random.key(0), 3))

@@ -19,7 +19,8 @@ Then::
 The feature file format: the bytes of ``jax.export.Exported.serialize()`` for a function of one
 float32 argument ``[B, *image_shape]`` (``B`` symbolic, or fixed; then batches are padded) that
 returns features ``[B, D]``. Images are resized by the caller: :func:`fid` checks the shape only.
-Reference statistics are ``.npz`` files with ``mu [D]`` and ``sigma [D, D]``, as pytorch-fid writes
+Reading and writing feature files needs the ``flatbuffers`` package (``jax.export``'s
+serialization). Reference statistics are ``.npz`` files with ``mu [D]`` and ``sigma [D, D]``, as pytorch-fid writes
 them (``--save-stats``); :func:`save_stats` writes the same.
 """
 

@@ -63,6 +63,7 @@ def test_frechet_distance_closed_forms():
 def test_fid_with_a_random_feature_network(tmp_path):
     """A random linear feature map exported to a feature file: its FID on Gaussian inputs matches
     the closed form for the mapped Gaussians, and the loaded file reproduces the function."""
+    pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbuffers")
     rng = np.random.default_rng(1)
     w = jnp.asarray(rng.normal(size=(4 * 4 * 2, 8)) / 5, jnp.float32)
 

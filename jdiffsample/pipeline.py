@@ -504,13 +504,17 @@ def _plan(num: int, shard_size: int) -> list[dict]:
 
 def _create_exclusive(path: Path, data: bytes) -> None:
     """Write ``path`` atomically unless it exists (then leave it): a hard link of a complete
-    temporary file, so concurrent processes never overwrite each other's manifest."""
+    temporary file, so concurrent processes never overwrite each other's manifest (a rename
+    where the file system has no hard links, e.g. gcsfuse)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         tmp.write_bytes(data)
         os.link(tmp, path)
     except FileExistsError:
         pass
+    except OSError:
+        if not path.exists():
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -373,6 +373,7 @@ def plot(cells: list[Cell], path) -> None:
                          "(or pass --no-plot)") from None
     untuned = [c for c in cells if c.rho_bottom == 1.0]
     grids = list(dict.fromkeys(c.grid for c in untuned))
+    nfes = sorted({c.nfe for c in untuned})
     fig, axes = plt.subplots(2, len(grids), figsize=(4 * len(grids), 7), squeeze=False,
                              sharey="row")
     for j, grid in enumerate(grids):
@@ -387,6 +388,8 @@ def plot(cells: list[Cell], path) -> None:
         for ax in axes[:, j]:
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.set_xticks(nfes, [str(n) for n in nfes])
+            ax.minorticks_off()
             ax.set_xlabel("NFE")
     axes[0, 0].set_ylabel("digits FD")
     axes[1, 0].set_ylabel("RMS error vs reference")

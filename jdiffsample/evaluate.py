@@ -116,7 +116,6 @@ class Suite:
                  seed: int = 0, ref_steps: int = 100, learn_batch: int = 64,
                  learn_iters: int = 30, log: Callable[[str], None] = print):
         import jax
-        import jax.numpy as jnp
 
         from jdiffsample import nets
 
@@ -142,7 +141,6 @@ class Suite:
         self._compiled: dict = {}
         self._grids: dict = {}
         self.grid_log: dict = {}
-        self._jnp = jnp
         self.reference = self._reference()
 
     # -- sampling ---------------------------------------------------------------------------

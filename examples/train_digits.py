@@ -155,7 +155,8 @@ def train(args) -> dict:
     key = jax.random.key(args.seed)
     key, init_key = jax.random.split(key)
     state = init_state(module, optimizer, init_key)
-    initial = state["params"]  # the EMA's starting point, for its bias correction
+    # the EMA's starting point, for its bias correction (a copy: training steps donate `state`)
+    initial = jax.tree.map(jnp.copy, state["params"])
     workdir = Path(args.workdir).absolute()
     manager = ocp.CheckpointManager(workdir, options=ocp.CheckpointManagerOptions(
         max_to_keep=2, create=True))
@@ -211,7 +212,7 @@ def train(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 4000; smoke 30)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1500; smoke 30)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 128; smoke 32)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak Adam learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 200; smoke 5)")
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a few steps of a tiny network (CI)")
     parser.add_argument("--summary", default=None, help="also write the training summary JSON here")
     args = parser.parse_args(argv)
-    defaults = dict(steps=(30, 4000), batch=(32, 128), warmup=(5, 200), log_every=(5, 50))
+    defaults = dict(steps=(30, 1500), batch=(32, 128), warmup=(5, 200), log_every=(5, 50))
     for name, (smoke, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, smoke if args.smoke else full)

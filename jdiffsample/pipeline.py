@@ -18,16 +18,20 @@ Pixel values follow EDM: ``clip(floor(127.5 x + 128), 0, 255)`` of the model's [
 noise from ``fold_in(k_i, 0)``, its random class label from ``fold_in(k_i, 1)`` and its solver
 noise from ``fold_in(k_i, 2)``. So which random numbers a sample gets does not depend on batch
 size, device count, host count or which other samples run, and any subset can be regenerated alone
-(:class:`Sampler`). Rerunning with the same batch size and devices reproduces images bit for bit;
-a different batch size or device count changes only floating-point rounding inside the network
-(XLA picks kernels per shape), which can move a pixel across a quantization step: the images then
-agree to within one level in rare pixels.
+(:class:`Sampler`).
+
+**Bit-exact images.** XLA picks kernels and summation orders per array shape, so the same sample
+computed in batches of 7 and of 16 can differ in the last float bit, and a pixel can then cross a
+quantization step. Every device therefore computes its share in fixed chunks of ``micro_batch``
+samples (a ``lax.map`` over chunks), and the network only ever sees that one shape: the images do
+not depend on the batch size, the number of devices or hosts, only on ``micro_batch`` (a setting,
+default 64; on accelerators use the per-device batch: smaller chunks cost throughput).
 
 **Resuming.** A shard is a fixed index range (``shard_size``, independent of the batch size). It
 is written to a hidden temporary name and renamed when complete, so a file under a final name is
 always whole. A rerun with the same settings skips finished shards and produces what an
 uninterrupted run would; a rerun with different settings into the same folder is refused. Batch
-size, devices and processes are not settings: they change no random numbers.
+size, devices and processes are not settings: they change no random number and no image.
 
 **Devices and hosts.** Each process runs data-parallel over its local devices (a 1-D mesh over the
 batch axis, variables replicated, ``jax.shard_map`` so no device talks to another) and owns the
@@ -66,7 +70,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 PREVIEW = "grid.png"
 FORMAT = "jdiffsample-samples"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images computed in chunks of settings['micro_batch']
 AXIS = "batch"
 GRIDS = ("logsnr", "karras", "optimized", "uniform", "quadratic")
 #: fold_in constants deriving each sample's sub-keys from k_i = fold_in(key(seed), i).
@@ -250,14 +254,17 @@ class Sampler:
       class_labels: None or 'random' (uniform per sample), a label, or a list cycled by index
         (sample i gets ``labels[i % len(labels)]``); only for class-conditional models.
       seed: the base seed, an integer in [0, 2**32).
-      batch: samples per call over all ``devices`` (rounded up to a multiple of their number).
+      batch: samples per call over all ``devices`` (rounded up to a multiple of
+        ``micro_batch`` times their number).
+      micro_batch: samples one network call computes on one device. The images depend on it
+        (float rounding), not on ``batch`` or ``devices``.
       devices: local devices to run on (default: all of this process's devices).
     """
 
     def __init__(self, model, *, solver: str = "unipc", nfe: int = 10, grid: str = "logsnr",
                  options: dict | None = None, skip_tuning: float | None = None,
                  guidance: float = 1.0, class_labels=None, seed: int = 0, batch: int = 64,
-                 devices=None):
+                 micro_batch: int = 64, devices=None):
         import jax
 
         from jdiffsample import nets, skip_tuning as st
@@ -269,8 +276,9 @@ class Sampler:
             raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        for name, value in (("batch", batch), ("micro_batch", micro_batch)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         guidance = float(guidance)
         if not math.isfinite(guidance):
             raise ValueError(f"guidance must be a finite number, got {guidance}")
@@ -309,14 +317,16 @@ class Sampler:
         self.module, self.config, self.schedule = module, config, schedule
         self.image_shape, self.n_classes, self.ts = shape, n_classes, ts
         self.devices = devices
-        self.batch = -(-int(batch) // len(devices)) * len(devices)
+        self.micro_batch = int(micro_batch)
+        per_call = self.micro_batch * len(devices)
+        self.batch = -(-int(batch) // per_call) * per_call
         self.settings = dict(
             model=dict(digest=digest, family=family, class_name=config["class_name"],
                        kwargs=config["kwargs"], schedule=config["schedule"]),
             solver=solver, options=options, nfe=int(nfe), n_steps=n_steps, grid=grid,
             grid_values=[float(t) for t in ts], skip_tuning=None if skip_tuning is None else float(skip_tuning),
             guidance=guidance, class_labels=labels, seed=int(seed), image_shape=list(shape),
-            dtype="float32",
+            dtype="float32", micro_batch=self.micro_batch,
         )
         self.compile_seconds: float | None = None
 
@@ -337,7 +347,16 @@ class Sampler:
         return _fingerprint(self.settings)
 
     def _device_fn(self, variables, indices, ts):
-        """One device's share: indices [b] -> uint8 images [b, H, W, C], int32 labels [b]."""
+        """One device's share: indices [b] -> uint8 images [b, H, W, C], int32 labels [b], in
+        chunks of ``micro_batch`` (one program shape whatever ``b`` is)."""
+        import jax
+
+        chunks = indices.reshape(-1, self.micro_batch)
+        images, labels = jax.lax.map(lambda idx: self._chunk_fn(variables, idx, ts), chunks)
+        return images.reshape(-1, *self.image_shape), labels.reshape(-1)
+
+    def _chunk_fn(self, variables, indices, ts):
+        """indices [micro_batch] -> uint8 images, int32 labels."""
         import jax
         import jax.numpy as jnp
 
@@ -424,7 +443,8 @@ class Sampler:
         s = manifest["settings"]
         sampler = cls(model or manifest["model_path"], solver=s["solver"], nfe=s["nfe"], grid=s["grid"],
                       options=s["options"], skip_tuning=s["skip_tuning"], guidance=s["guidance"],
-                      class_labels=s["class_labels"], seed=s["seed"], batch=batch, devices=devices)
+                      class_labels=s["class_labels"], seed=s["seed"], batch=batch,
+                      micro_batch=s["micro_batch"], devices=devices)
         changed = _differences({k: v for k, v in s.items() if k in sampler.settings}, sampler.settings)
         if changed:
             raise ValueError(f"cannot reproduce {out}: {changed}")
@@ -613,8 +633,8 @@ class Summary:
 
 def generate(model, out, *, num: int, solver: str = "unipc", nfe: int = 10, grid: str = "logsnr",
              options: dict | None = None, skip_tuning: float | None = None, guidance: float = 1.0,
-             class_labels=None, seed: int = 0, batch: int = 64, shard_size: int = 1000,
-             devices=None, process_index: int | None = None, process_count: int | None = None,
+             class_labels=None, seed: int = 0, batch: int = 64, micro_batch: int = 64,
+             shard_size: int = 1000, devices=None, process_index: int | None = None, process_count: int | None = None,
              preview: bool = True, log=sys.stderr) -> Summary:
     """Generate ``num`` samples into the folder ``out`` (see the module docstring).
 
@@ -640,7 +660,8 @@ def generate(model, out, *, num: int, solver: str = "unipc", nfe: int = 10, grid
     if not 0 <= p_index < p_count:
         raise ValueError(f"process_index must lie in [0, {p_count}), got {p_index}")
     sampler = Sampler(model, solver=solver, nfe=nfe, grid=grid, options=options, skip_tuning=skip_tuning,
-                      guidance=guidance, class_labels=class_labels, seed=seed, batch=batch, devices=devices)
+                      guidance=guidance, class_labels=class_labels, seed=seed, batch=batch,
+                      micro_batch=micro_batch, devices=devices)
     if num > 2**31 - 2 * sampler.batch:
         raise ValueError(f"num must be at most 2**31 - 2 batch, got {num}")
     out = Path(out)

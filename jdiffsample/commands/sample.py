@@ -52,6 +52,9 @@ def add_arguments(parser) -> None:
                         help="classifier-free guidance weight (default 1 = off)")
     parser.add_argument("--batch", type=int, default=64,
                         help="samples per call over this process's devices (default 64); no effect on images")
+    parser.add_argument("--micro-batch", type=int, default=64,
+                        help="samples per network call on one device (default 64); the images depend on it, "
+                             "not on --batch or the devices; on accelerators use e.g. the per-device batch")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per .npz file (default 1000)")
     parser.add_argument("--export", default=None, metavar="PATH",
                         help="afterwards, export all samples: PATH.npz (one file) or a folder of PNGs")
@@ -130,7 +133,7 @@ def run(args) -> int:
     summary = pipeline.generate(
         args.model, args.out, num=args.num, solver=args.solver, nfe=args.nfe, grid=args.grid, options=options,
         skip_tuning=args.skip_tuning, guidance=args.guidance, class_labels=labels, seed=args.seed,
-        batch=args.batch, shard_size=args.shard_size, preview=not args.no_preview,
+        batch=args.batch, micro_batch=args.micro_batch, shard_size=args.shard_size, preview=not args.no_preview,
         log=None if args.quiet else sys.stderr,
     )
     if args.export and summary.process_index == 0:

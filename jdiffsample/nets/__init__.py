@@ -50,6 +50,7 @@ __all__ = [
     "load_denoiser",
     "convert_edm",
     "convert_adm",
+    "random_variables",
 ]
 
 FAMILIES = ("edm", "adm")
@@ -380,6 +381,26 @@ def _read_json(path_or_dict, what: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path_or_dict} must hold a JSON object")
     return data
+
+
+def random_variables(module, *example_args, seed: int = 0) -> dict:
+    """Variables for ``module.init(key, *example_args)`` with every parameter random,
+    ``N(0, 1 / fan_in)``, and every other collection (Skip-Tuning scales) at one.
+
+    For tests and benchmarks: a freshly initialised network has zero-initialised output layers,
+    which would make every sampler return the same images and hide differences.
+    """
+    import jax
+
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *example_args)
+    rng = np.random.default_rng(seed)
+
+    def rand(s):
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 4
+        return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    return {name: jax.tree.map(rand if name == "params" else (lambda s: np.ones(s.shape, np.float32)),
+                               tree) for name, tree in shapes.items()}
 
 
 def _count(variables) -> tuple[int, int]:

@@ -11,6 +11,8 @@ samples the same starting noises and labels and reports
   stochastic SA-Solver and for Skip-Tuned networks it measures a deliberate departure from the
   ODE solution, not an error.
 * ``seconds``: sampling wall time (compilation excluded).
+* ``fid`` (only with ``inception=``): FID with pytorch-fid's InceptionV3 (:mod:`jdiffsample.fid`)
+  against reference statistics (default: the 1797 real digits).
 
 Grids: any name in :data:`jdiffsample.timesteps.GRIDS` (``logsnr``, ``karras``, ...),
 ``optimized`` (:func:`jdiffsample.optimize.optimize_timesteps`, the model-free error bound, at the
@@ -68,6 +70,7 @@ class Cell:
     accuracy: float
     error: float
     seconds: float
+    fid: float = float("nan")
 
 
 def resolve_model(name_or_path: str) -> Path:
@@ -109,12 +112,17 @@ class Suite:
       seed: the starting noises (and SA-Solver's noise); learned grids use other noises.
       ref_steps: Heun steps of the reference (NFE ``2 * ref_steps - 1``, Karras grid to 0).
       learn_batch, learn_iters: noises and iterations for learned grids.
+      inception: pytorch-fid's InceptionV3 weights file: adds FID to every cell (slow on a CPU:
+        each image is resized to 299x299).
+      fid_reference: FID reference statistics (``.npz`` with ``mu``, ``sigma``); default: the
+        Inception statistics of the 1797 real digits.
       log: called with progress lines.
     """
 
     def __init__(self, model: str = "digits", samples: int = 1000, batch: int = 500,
                  seed: int = 0, ref_steps: int = 100, learn_batch: int = 64,
-                 learn_iters: int = 30, log: Callable[[str], None] = print):
+                 learn_iters: int = 30, inception=None, fid_reference=None,
+                 log: Callable[[str], None] = print):
         import jax
 
         from jdiffsample import nets
@@ -141,7 +149,33 @@ class Suite:
         self._compiled: dict = {}
         self._grids: dict = {}
         self.grid_log: dict = {}
+        self.inception, self.fid_reference = None, None
+        if inception is not None:
+            self._setup_fid(inception, fid_reference)
         self.reference = self._reference()
+
+    def _setup_fid(self, weights, reference) -> None:
+        from jdiffsample import fid
+
+        self.inception = fid.load_inception(weights)
+        if reference is not None:
+            self.fid_reference = fid.load_stats(reference)
+            return
+        from sklearn.datasets import load_digits
+
+        start = time.perf_counter()
+        real = load_digits().images[..., None] / 8.0 - 1.0
+        self.fid_reference = fid.compute_stats(real, self.inception)
+        self.log(f"Inception statistics of {len(real)} real digits in "
+                 f"{time.perf_counter() - start:.1f} s")
+
+    def fid(self, images) -> float:
+        """FID of ``images`` (in [-1, 1]) against the reference statistics; NaN without Inception."""
+        if self.inception is None:
+            return float("nan")
+        from jdiffsample import fid
+
+        return fid.fid(np.clip(images, -1, 1), self.inception, self.fid_reference)
 
     # -- sampling ---------------------------------------------------------------------------
 
@@ -275,7 +309,7 @@ class Suite:
             return Cell(spec.label, nfe, grid, rho_bottom, float("nan"), float("nan"), error,
                         seconds)
         return Cell(spec.label, nfe, grid, rho_bottom, metrics.digits_fd(images),
-                    metrics.digits_accuracy(images, self.labels), error, seconds)
+                    metrics.digits_accuracy(images, self.labels), error, seconds, self.fid(images))
 
     def baselines(self) -> dict:
         """Digits FD of the reference samples, and of real digits against themselves at this
@@ -285,6 +319,8 @@ class Suite:
         real = metrics.digits_classifier()
         out = dict(reference_fd=metrics.digits_fd(self.reference),
                    reference_accuracy=metrics.digits_accuracy(self.reference, self.labels))
+        if self.inception is not None:
+            out["reference_fid"] = self.fid(self.reference)
         try:
             from sklearn.datasets import load_digits
         except ImportError:
@@ -312,7 +348,8 @@ def read_csv(path) -> list[Cell]:
     """The cells of a ``results.csv`` (e.g. to re-render the tables of an interrupted run)."""
     with open(path, newline="") as f:
         return [Cell(r["solver"], int(r["nfe"]), r["grid"], float(r["rho_bottom"]),
-                     float(r["fd"]), float(r["accuracy"]), float(r["error"]), float(r["seconds"]))
+                     float(r["fd"]), float(r["accuracy"]), float(r["error"]), float(r["seconds"]),
+                     float(r.get("fid") or "nan"))
                 for r in csv.DictReader(f)]
 
 
@@ -343,12 +380,14 @@ def write_markdown(cells: list[Cell], path, title: str = "", notes: list[str] = 
         ("Sampling wall time, seconds (all samples, compilation excluded)",
          lambda c: f"{c.seconds:.2f}"),
     ]
+    if any(np.isfinite(c.fid) for c in cells):
+        sections.insert(1, ("FID, pytorch-fid's InceptionV3 (lower is better)", lambda c: f"{c.fid:.2f}"))
     for name, value in sections:
         lines += [f"## {name}", ""]
         lines += _pivot(untuned, value, lambda c: (c.solver, c.grid), ["solver", "grid"])
         lines.append("")
     if tuned:
-        for name, value in sections[:3]:
+        for name, value in [x for x in sections if not x[0].startswith("Sampling wall")]:
             lines += [f"## Skip-Tuning: {name}", ""]
             lines += _pivot(sorted(tuned, key=lambda c: (c.solver, c.grid, -c.rho_bottom)), value,
                             lambda c: (c.solver, c.grid, c.rho_bottom),

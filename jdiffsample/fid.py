@@ -1,26 +1,30 @@
-"""FID with a user-supplied feature network (e.g. InceptionV3), loaded without pickles.
+"""FID: Frechet distance between feature statistics of generated and reference images.
 
-No Inception weights ship with jdiffsample, and this module has **no InceptionV3 architecture
-of its own**: the feature network is a serialized ``jax.export`` function, a *feature file*, which
-holds the architecture and the weights as StableHLO (no Python code is executed on loading).
-Make one once from any JAX implementation of pytorch-fid's InceptionV3 (for instance the Flax
-port in matthias-wright/jax-fid, with pytorch-fid's ``pt_inception-2015-12-05`` weights)::
+Two kinds of feature network, both with the same call ``features = extractor(images)``:
 
-    from jdiffsample import fid
-    apply = lambda x: inception.apply(params, x)        # [B, 299, 299, 3] in [-1, 1] -> [B, 2048]
-    fid.save_extractor(apply, (299, 299, 3), "inception.jaxexport")
+* **InceptionV3** (:func:`load_inception`), the standard FID network, from pytorch-fid's weights
+  file ``pt_inception-2015-12-05-6726825d.pth`` (not shipped; read without torch and without
+  running code from the file, :mod:`jdiffsample.nets.inception`)::
 
-Then::
+      from jdiffsample import fid
+      inception = fid.load_inception("pt_inception-2015-12-05-6726825d.pth")
+      ref = fid.load_stats("fid_stats_cifar10_train.npz")   # pytorch-fid's format: mu, sigma
+      score = fid.fid(images, inception, ref)               # images [N, H, W, C] in [-1, 1] or uint8
 
-    extractor = fid.load_extractor("inception.jaxexport")
-    ref = fid.load_stats("fid_stats_cifar10_train.npz")   # pytorch-fid's format: mu, sigma
-    score = fid.fid(images, extractor, ref)               # images [N, H, W, C] in [-1, 1]
+  Images of any size with 1 or 3 channels are handled as pytorch-fid handles PNG files: grey is
+  repeated to RGB, values scaled to [0, 1], bilinear resize to 299x299.
 
-The feature file format: the bytes of ``jax.export.Exported.serialize()`` for a function of one
-float32 argument ``[B, *image_shape]`` (``B`` symbolic, or fixed; then batches are padded) that
-returns features ``[B, D]``. Images are resized by the caller: :func:`fid` checks the shape only.
-Reading and writing feature files needs the ``flatbuffers`` package (``jax.export``'s
-serialization). Reference statistics are ``.npz`` files with ``mu [D]`` and ``sigma [D, D]``, as pytorch-fid writes
+* **Any other network** as a *feature file*: a serialized ``jax.export`` function (architecture
+  and weights as StableHLO; nothing is executed on loading) of one float32 argument
+  ``[B, *image_shape]`` (``B`` symbolic, or fixed; then batches are padded) returning ``[B, D]``::
+
+      fid.save_extractor(apply, (299, 299, 3), "net.jaxexport")
+      extractor = fid.load_extractor("net.jaxexport")
+
+  Images are passed as given (the caller resizes; only the shape is checked). Reading and writing
+  feature files needs the ``flatbuffers`` package (``jax.export``'s serialization).
+
+Reference statistics are ``.npz`` files with ``mu [D]`` and ``sigma [D, D]``, as pytorch-fid writes
 them (``--save-stats``); :func:`save_stats` writes the same.
 """
 
@@ -33,8 +37,8 @@ import numpy as np
 
 from jdiffsample.metrics import feature_stats, frechet_distance
 
-__all__ = ["Extractor", "save_extractor", "load_extractor", "compute_stats", "save_stats",
-           "load_stats", "fid"]
+__all__ = ["Extractor", "Inception", "load_inception", "save_extractor", "load_extractor",
+           "compute_stats", "save_stats", "load_stats", "fid"]
 
 
 class Extractor:
@@ -68,6 +72,55 @@ class Extractor:
                                                         np.float32)])
             out.append(np.asarray(self._exported.call(jnp.asarray(chunk)), np.float64)[:n])
         return np.concatenate(out) if out else np.zeros((0, self.dim))
+
+
+class Inception:
+    """pytorch-fid's InceptionV3 pool features: ``inception(images) -> [N, 2048]`` (float64).
+
+    ``images``: NHWC, uint8 in [0, 255] or floats in [-1, 1], 1 or 3 channels, any size. Batches
+    are padded to ``batch_size`` so that one compiled program serves every call.
+    """
+
+    dim = 2048
+
+    def __init__(self, params, batch_size: int = 50):
+        from jdiffsample.nets import inception
+
+        self.batch_size = int(batch_size)
+        self._fn = inception.features_fn(params)
+
+    def __call__(self, images, batch_size: int | None = None) -> np.ndarray:
+        import jax.numpy as jnp
+
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"images must be NHWC with 1 or 3 channels, got shape {images.shape}")
+        if images.dtype == np.uint8:
+            images = images.astype(np.float32) / 255.0
+        else:
+            images = (images.astype(np.float32) + 1.0) / 2.0
+        step = self.batch_size
+        out = []
+        for i in range(0, images.shape[0], step):
+            chunk = images[i:i + step]
+            n = chunk.shape[0]
+            if chunk.shape[-1] == 1:
+                chunk = np.repeat(chunk, 3, axis=-1)
+            if n < step:
+                chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), np.float32)])
+            out.append(np.asarray(self._fn(jnp.asarray(chunk)), np.float64)[:n])
+        return np.concatenate(out) if out else np.zeros((0, self.dim))
+
+
+def load_inception(path, batch_size: int = 50) -> Inception:
+    """:class:`Inception` with the weights of pytorch-fid's ``pt_inception-2015-12-05`` file (or
+    any PyTorch state dict of the same network). Raises ``ValueError`` naming what does not fit."""
+    from jdiffsample.nets import inception
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no Inception weights file at {path} (pytorch-fid's "
+                                f"pt_inception-2015-12-05-6726825d.pth)")
+    return Inception(inception.load_params(path), batch_size)
 
 
 def save_extractor(fn: Callable, image_shape, path, batch: int | None = None) -> Path:

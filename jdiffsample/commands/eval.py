@@ -51,6 +51,11 @@ def add_arguments(parser) -> None:
                              "differentiates through the sampler and costs minutes per cell on a CPU")
     parser.add_argument("--learn-batch", type=int, default=64, help="noises for learned grids")
     parser.add_argument("--learn-iters", type=int, default=30, help="iterations for learned grids")
+    parser.add_argument("--fid-weights", default=None, metavar="PTH",
+                        help="pytorch-fid's InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth): "
+                             "adds FID to every cell (slow on a CPU)")
+    parser.add_argument("--fid-ref", default=None, metavar="NPZ",
+                        help="FID reference statistics (mu, sigma); default: the real digits")
     parser.add_argument("--out", default="eval_results", help="output directory")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib)")
 
@@ -73,6 +78,11 @@ def run(args) -> int:
     for nfe in nfes:
         for s in solvers:
             evaluate.steps_for(s, nfe)  # validates before the slow part
+    for flag, path in (("--fid-weights", args.fid_weights), ("--fid-ref", args.fid_ref)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{flag}: no file {path}")
+    if args.fid_ref is not None and args.fid_weights is None:
+        raise ValueError("--fid-ref needs --fid-weights")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -82,7 +92,8 @@ def run(args) -> int:
     start = time.perf_counter()
     suite = evaluate.Suite(args.model, samples=args.samples, batch=args.batch, seed=args.seed,
                            ref_steps=args.ref_steps, learn_batch=args.learn_batch,
-                           learn_iters=args.learn_iters, log=log)
+                           learn_iters=args.learn_iters, inception=args.fid_weights,
+                           fid_reference=args.fid_ref, log=log)
     # learned grids last: they are by far the slowest cells
     plan = [(s, n, g, 1.0) for s in solvers for g in grids if g != "learned" for n in nfes]
     plan += [(s, n, skip_grid, r) for s in skip_solvers for r in skips for n in nfes]
@@ -92,7 +103,8 @@ def run(args) -> int:
     for i, (s, n, g, r) in enumerate(plan):
         cell = suite.cell(s, n, g, r)
         cells.append(cell)
-        log(f"{i + 1}/{len(plan)} {cell.solver} NFE {n} {g} rho_bottom {r}: FD {cell.fd:.3f} "
+        fid_text = f" FID {cell.fid:.2f}" if args.fid_weights else ""
+        log(f"{i + 1}/{len(plan)} {cell.solver} NFE {n} {g} rho_bottom {r}: FD {cell.fd:.3f}{fid_text} "
             f"acc {cell.accuracy:.3f} err {cell.error:.4f} ({cell.seconds:.2f} s)")
         evaluate.write_csv(cells, out / "results.csv")  # partial results survive interruption
     base = suite.baselines()
@@ -106,6 +118,8 @@ def run(args) -> int:
            f"{base['real_subset_fd']:.3f}." if "real_subset_fd" in base else "."),
         f"Total wall time of this run: {time.perf_counter() - start:.0f} s.",
     ]
+    if "reference_fid" in base:
+        notes.insert(2, f"FID of the reference samples: {base['reference_fid']:.2f}.")
     text = evaluate.write_markdown(cells, out / "results.md", "jdiffsample eval", notes)
     evaluate.save_grids(suite.grid_log, out / "grids.json")
     (out / "baselines.json").write_text(json.dumps(base, indent=1))

@@ -42,7 +42,9 @@ def measure(model: str, batch: int, batches: int, repeats: int, workdir: Path) -
 
     from jdiffsample import nets, pipeline, solvers
 
-    sampler = pipeline.Sampler(model, solver=SOLVER, nfe=NFE, batch=batch)
+    # one micro-batch per device: the network sees the same per-device shape as the bare call
+    sampler = pipeline.Sampler(model, solver=SOLVER, nfe=NFE, batch=batch,
+                               micro_batch=batch // jax.local_device_count())
     compile_seconds = sampler.compile()
     module, variables = nets.load(model)
     config = nets.load_config(model)

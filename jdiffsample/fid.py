@@ -78,7 +78,8 @@ class Inception:
     """pytorch-fid's InceptionV3 pool features: ``inception(images) -> [N, 2048]`` (float64).
 
     ``images``: NHWC, uint8 in [0, 255] or floats in [-1, 1], 1 or 3 channels, any size. Batches
-    are padded to ``batch_size`` so that one compiled program serves every call.
+    are padded to ``batch_size`` (fewer images: to the next power of two, at least 8), so that few
+    compiled programs serve every call.
     """
 
     dim = 2048
@@ -90,6 +91,7 @@ class Inception:
         self._fn = inception.features_fn(params)
 
     def __call__(self, images, batch_size: int | None = None) -> np.ndarray:
+        """Features of ``images``; ``batch_size`` is ignored (set at construction)."""
         import jax.numpy as jnp
 
         images = np.asarray(images)
@@ -99,7 +101,7 @@ class Inception:
             images = images.astype(np.float32) / 255.0
         else:
             images = (images.astype(np.float32) + 1.0) / 2.0
-        step = self.batch_size
+        step = min(self.batch_size, max(8, 1 << (images.shape[0] - 1).bit_length()))
         out = []
         for i in range(0, images.shape[0], step):
             chunk = images[i:i + step]

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import tracemalloc
 from collections import OrderedDict
 from pathlib import Path
@@ -386,3 +387,29 @@ def test_conversion_memory_is_bounded(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak <= 3 * size, f"peak {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB checkpoint"
+
+
+def test_checkpoint_saved_on_another_device_loads_here(tmp_path):
+    """Orbax records each array's device; a checkpoint written on a device this process lacks
+    (here CPU device 1 of 2; in practice a CPU-made checkpoint loaded on a GPU) still loads."""
+    script = textwrap.dedent("""
+        import sys, jax, jax.numpy as jnp
+        from jdiffsample import nets
+        from jdiffsample.nets import edm
+        kwargs = dict(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet",
+                      model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[],
+                      embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+                      decoder_type="standard", resample_filter=[1, 1])
+        module = edm.build("EDMPrecond", kwargs)
+        variables = nets.random_variables(module, jnp.zeros((1, 8, 8, 1)), jnp.ones((1,)))
+        variables = jax.device_put(variables, jax.devices()[1])
+        nets.save(sys.argv[1], "edm", "EDMPrecond", kwargs, variables)
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "net")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert len(jax.devices()) == 1
+    module, variables = nets.load(tmp_path / "net")
+    leaves = jax.tree.leaves(variables)
+    assert leaves and all(x.devices() == {jax.devices()[0]} for x in leaves)

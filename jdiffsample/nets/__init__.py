@@ -258,7 +258,10 @@ def load(dst) -> tuple[Any, dict]:
     ckptr = _checkpointer()
     try:
         tree = ckptr.metadata(path).item_metadata.tree
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+        # Restore onto this process's first device: without a sharding, Orbax would use the
+        # saving device recorded in the checkpoint (a CPU-made file then fails on a GPU).
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
         variables = ckptr.restore(path, target)
     except Exception as e:  # orbax raises a variety of types for damaged checkpoints
         raise ValueError(f"{path}: cannot restore the variables ({type(e).__name__}: {e})") from e

@@ -25,7 +25,10 @@ computed in batches of 7 and of 16 can differ in the last float bit, and a pixel
 quantization step. Every device therefore computes its share in fixed chunks of ``micro_batch``
 samples (a ``lax.map`` over chunks), and the network only ever sees that one shape: the images do
 not depend on the batch size, the number of devices or hosts, only on ``micro_batch`` (a setting,
-default 64; on accelerators use the per-device batch: smaller chunks cost throughput).
+default 64; on accelerators use the per-device batch: smaller chunks cost throughput). On GPUs
+XLA also picks kernels by timing them at compile time, so bit-exact images need
+``XLA_FLAGS=--xla_gpu_deterministic_ops=true`` as well (set before JAX starts; ``jdiffsample
+sample`` sets it unless told ``--no-deterministic-gpu``).
 
 **Resuming.** A shard is a fixed index range (``shard_size``, independent of the batch size). It
 is written to a hidden temporary name and renamed when complete, so a file under a final name is
@@ -690,6 +693,10 @@ def generate(model, out, *, num: int, solver: str = "unipc", nfe: int = 10, grid
         if log:
             print(f"{prefix}compiled in {compile_seconds:.1f} s for batches of {sampler.batch} on "
                   f"{len(sampler.devices)} {jax.default_backend()} device(s)", file=log, flush=True)
+            if jax.default_backend() == "gpu" and "xla_gpu_deterministic_ops" not in os.environ.get("XLA_FLAGS", ""):
+                print(f"{prefix}note: XLA picks GPU kernels by timing, so reruns can differ in rare pixels; "
+                      f"set XLA_FLAGS=--xla_gpu_deterministic_ops=true (the CLI's default) for bit-exact "
+                      f"images", file=log, flush=True)
         t0 = time.perf_counter()
         _run(sampler, out, todo, _Progress(total, log, prefix) if log else None)
         sample_seconds = time.perf_counter() - t0

@@ -303,3 +303,18 @@ def test_png_and_atomic_write(tmp_path):
     with pytest.raises(OSError):
         pipeline._atomic_write(tmp_path / "samples_000000.npz", fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_cli_asks_for_deterministic_gpu_kernels(monkeypatch):
+    from jdiffsample.commands import sample
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    sample.deterministic_gpu_kernels()
+    assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                       "--xla_gpu_deterministic_ops=true")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")  # the user's choice stays
+    sample.deterministic_gpu_kernels()
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=false"
+    monkeypatch.delenv("XLA_FLAGS")
+    sample.deterministic_gpu_kernels()
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=true"

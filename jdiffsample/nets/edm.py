@@ -67,6 +67,8 @@ import numpy as np
 from flax import traverse_util
 from flax.core import FrozenDict
 
+from jdiffsample.nets import torchfile
+
 __all__ = [
     "Conv2d",
     "GroupNorm",
@@ -875,28 +877,6 @@ def _expected_buffers(module: _Precond) -> dict[str, np.ndarray]:
     return buffers
 
 
-def _torch_key(path: tuple[str, ...]) -> str:
-    *modules, leaf = path
-    return ".".join((*modules, {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)))
-
-
-def _to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
-    """PyTorch layout -> Flax layout: conv OIHW -> HWIO, linear [out, in] -> [in, out]."""
-    if leaf == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)
-    if leaf == "kernel" and value.ndim == 2:
-        return value.T
-    return value
-
-
-def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if leaf == "kernel" and len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    if leaf == "kernel" and len(shape) == 2:
-        return (shape[1], shape[0])
-    return tuple(shape)
-
-
 def _listing(keys: Sequence[str], limit: int = 5) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
@@ -916,9 +896,10 @@ def convert_state_dict(class_name: str, kwargs: Mapping[str, Any],
     module = build(class_name, kwargs)
     abstract = jax.eval_shape(module.init, jax.random.key(0), *_example_inputs(module))
     abstract_params = traverse_util.flatten_dict(abstract["params"])
-    paths = {_torch_key(path): path for path in abstract_params}
+    paths = {torchfile.torch_key(path): path for path in abstract_params}
     buffers = _expected_buffers(module)
-    shapes = {key: _torch_shape(path[-1], abstract_params[path].shape) for key, path in paths.items()}
+    shapes = {key: torchfile.torch_shape(path[-1], abstract_params[path].shape)
+              for key, path in paths.items()}
     shapes.update({key: value.shape for key, value in buffers.items()})
 
     arrays = {k: np.asarray(v) for k, v in state_dict.items() if k in shapes}
@@ -939,6 +920,7 @@ def convert_state_dict(class_name: str, kwargs: Mapping[str, Any],
         raise ValueError(f"state_dict does not fit {class_name}({module.model_type}): "
                          + "; ".join(problems))
 
-    flat = {path: _to_flax(path[-1], arrays[key].astype(np.float32)) for key, path in paths.items()}
+    flat = {path: torchfile.to_flax(path[-1], arrays[key].astype(np.float32))
+            for key, path in paths.items()}
     skip = {name: np.ones((), np.float32) for name in abstract["skip"]}
     return {"params": traverse_util.unflatten_dict(flat), "skip": skip}

@@ -21,6 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+
+from jdiffsample.nets import torchfile
 
 __all__ = ["InceptionV3", "load_params", "init_shapes", "state_dict_names", "RESOLUTION", "DIM"]
 
@@ -37,8 +40,8 @@ class BatchNorm(nn.Module):
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        mean = self.param("mean", nn.initializers.zeros, (c,))
-        var = self.param("var", nn.initializers.ones, (c,))
+        mean = self.param("running_mean", nn.initializers.zeros, (c,))
+        var = self.param("running_var", nn.initializers.ones, (c,))
         return (x - mean) * (scale * jax.lax.rsqrt(var + BN_EPS)) + bias
 
 
@@ -176,15 +179,7 @@ class InceptionV3(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # weights
 
-#: PyTorch tensor name -> (our leaf name, how to convert the array).
-_LEAVES = {
-    "conv.weight": ("conv/kernel", lambda w: np.transpose(w, (2, 3, 1, 0))),  # OIHW -> HWIO
-    "bn.weight": ("bn/scale", None),
-    "bn.bias": ("bn/bias", None),
-    "bn.running_mean": ("bn/mean", None),
-    "bn.running_var": ("bn/var", None),
-}
-#: State-dict entries the feature network does not use (the classifier, BN step counters).
+#: State-dict entries the feature network does not use (the classifier).
 _UNUSED = ("fc.weight", "fc.bias")
 
 
@@ -195,23 +190,15 @@ def init_shapes() -> dict:
     return shapes["params"]
 
 
-def _flat(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict) or hasattr(v, "items"):
-            yield from _flat(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
+def _torch_names() -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+    """PyTorch state-dict name -> (our flattened parameter path, the PyTorch shape)."""
+    return {torchfile.torch_key(path): (path, torchfile.torch_shape(path[-1], s.shape))
+            for path, s in traverse_util.flatten_dict(init_shapes()).items()}
 
 
 def state_dict_names() -> dict[str, tuple[int, ...]]:
     """The PyTorch state-dict names this network reads, with their PyTorch shapes."""
-    torch_leaf = {ours: (theirs, fn) for theirs, (ours, fn) in _LEAVES.items()}
-    names = {}
-    for path, s in _flat(init_shapes()):
-        theirs, fn = torch_leaf["/".join(path[-2:])]
-        shape = tuple(s.shape)
-        names[".".join(path[:-2] + (theirs,))] = (shape[3], shape[2], shape[0], shape[1]) if fn else shape
-    return names
+    return {name: shape for name, (_, shape) in _torch_names().items()}
 
 
 def load_params(path_or_state_dict) -> dict:
@@ -220,39 +207,30 @@ def load_params(path_or_state_dict) -> dict:
     Every tensor the network needs must be present with its shape; ``num_batches_tracked`` and
     the classifier (``fc``) are ignored; anything else is an error (a different network).
     """
-    from jdiffsample.nets import torchfile
-
     where = "state dict"
     sd = path_or_state_dict
     if isinstance(sd, (str, Path)):
         where = str(sd)
         sd = torchfile.load_state_dict(sd)
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked") and k not in _UNUSED}
-    expected = state_dict_names()
+    expected = _torch_names()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
         raise ValueError(f"{where} is not pytorch-fid's InceptionV3: "
                          f"{len(missing)} tensors missing (e.g. {missing[:3]}), "
                          f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-    params: dict = {}
-    for name, shape in expected.items():
+    flat = {}
+    for name, (path, shape) in expected.items():
         value = np.asarray(sd[name])
         if value.shape != shape:
             raise ValueError(f"{where}: {name} has shape {value.shape}, expected {shape}")
-        *modules, kind, leaf = name.split(".")
-        ours, convert = _LEAVES[f"{kind}.{leaf}"]
-        value = np.asarray(value, np.float32)
-        if convert is not None:
-            value = convert(value)
-        node = params
-        for m in modules + ours.split("/")[:-1]:
-            node = node.setdefault(m, {})
-        node[ours.split("/")[-1]] = jnp.asarray(np.ascontiguousarray(value))
-    return params
+        flat[path] = jnp.asarray(torchfile.to_flax(path[-1], value.astype(np.float32)))
+    return traverse_util.unflatten_dict(flat)
 
 
 def features_fn(params):
-    """A jitted ``images [B, H, W, 3] in [0, 1] -> features [B, 2048]``."""
-    module = InceptionV3()
-    return jax.jit(lambda x: module.apply({"params": params}, x))
+    """``images [B, H, W, 3] in [0, 1] -> features [B, 2048]``, jitted with the weights as an
+    argument (closed over, they would be baked into the compiled program as constants)."""
+    apply = jax.jit(InceptionV3().apply)
+    return lambda x: apply({"params": params}, x)

@@ -52,6 +52,9 @@ __all__ = [
     "check_edm_class",
     "file_kind",
     "json_value",
+    "torch_key",
+    "torch_shape",
+    "to_flax",
     "EDM_CLASSES",
 ]
 
@@ -771,6 +774,35 @@ EDM_CLASSES: dict[str, tuple[tuple[str, ...], str]] = {
                     "sigma_max", "sigma_data", "model_type"), "DhariwalUNet"),
 }
 EDM_MODEL_TYPES = ("SongUNet", "DhariwalUNet")
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch <-> Flax parameter layout
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """The PyTorch state-dict name of a flattened Flax parameter path (``kernel``/``scale`` ->
+    ``weight``; other leaf names are the same on both sides)."""
+    *modules, leaf = path
+    return ".".join((*modules, {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)))
+
+
+def to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
+    """PyTorch layout -> Flax layout: conv OIHW -> HWIO, linear [out, in] -> [in, out]."""
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T
+    return value
+
+
+def torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of the tensor that :func:`to_flax` turns into a parameter of ``shape``."""
+    if leaf == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    if leaf == "kernel" and len(shape) == 2:
+        return (shape[1], shape[0])
+    return tuple(shape)
 
 
 def json_value(x):

@@ -41,6 +41,21 @@ __all__ = ["Extractor", "Inception", "load_inception", "save_extractor", "load_e
            "compute_stats", "save_stats", "load_stats", "fid"]
 
 
+def _in_batches(fn, images: np.ndarray, step: int, pad: bool, dim: int) -> np.ndarray:
+    """``fn`` over ``images`` in batches of ``step`` -> float64 features ``[N, dim]``; with
+    ``pad`` the last batch is filled up with zeros to ``step`` images (one compiled shape)."""
+    import jax.numpy as jnp
+
+    out = []
+    for i in range(0, images.shape[0], step):
+        chunk = images[i:i + step]
+        n = chunk.shape[0]
+        if pad and n < step:
+            chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(fn(jnp.asarray(chunk)), np.float64)[:n])
+    return np.concatenate(out) if out else np.zeros((0, dim))
+
+
 class Extractor:
     """A loaded feature network: ``extractor(images) -> features [N, D]`` (float64 NumPy)."""
 
@@ -56,22 +71,13 @@ class Extractor:
         self.dim = int(exported.out_avals[0].shape[1])
 
     def __call__(self, images, batch_size: int = 256) -> np.ndarray:
-        import jax.numpy as jnp
-
         images = np.asarray(images, np.float32)
         if images.shape[1:] != self.image_shape:
             raise ValueError(f"the feature network takes images {self.image_shape}, got "
                              f"{images.shape[1:]} (resize them first)")
-        step = self.batch or batch_size
-        out = []
-        for i in range(0, images.shape[0], step):
-            chunk = images[i:i + step]
-            n = chunk.shape[0]
-            if self.batch is not None and n < self.batch:  # fixed batch: pad the last one
-                chunk = np.concatenate([chunk, np.zeros((self.batch - n, *self.image_shape),
-                                                        np.float32)])
-            out.append(np.asarray(self._exported.call(jnp.asarray(chunk)), np.float64)[:n])
-        return np.concatenate(out) if out else np.zeros((0, self.dim))
+        # a symbolic batch takes any size; a fixed one gets its last batch padded
+        return _in_batches(self._exported.call, images, self.batch or batch_size,
+                           pad=self.batch is not None, dim=self.dim)
 
 
 class Inception:
@@ -101,17 +107,9 @@ class Inception:
             images = images.astype(np.float32) / 255.0
         else:
             images = (images.astype(np.float32) + 1.0) / 2.0
+        fn = self._fn if images.shape[-1] == 3 else (lambda x: self._fn(jnp.repeat(x, 3, axis=-1)))
         step = min(self.batch_size, max(8, 1 << (images.shape[0] - 1).bit_length()))
-        out = []
-        for i in range(0, images.shape[0], step):
-            chunk = images[i:i + step]
-            n = chunk.shape[0]
-            if chunk.shape[-1] == 1:
-                chunk = np.repeat(chunk, 3, axis=-1)
-            if n < step:
-                chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), np.float32)])
-            out.append(np.asarray(self._fn(jnp.asarray(chunk)), np.float64)[:n])
-        return np.concatenate(out) if out else np.zeros((0, self.dim))
+        return _in_batches(fn, images, step, pad=True, dim=self.dim)
 
 
 def load_inception(path, batch_size: int = 50) -> Inception:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdiffsample import nets
+from jdiffsample import metrics, nets
 from jdiffsample.nets import edm
 
 ASSET = Path(__file__).resolve().parents[1] / "jdiffsample" / "assets" / "digits"
@@ -47,15 +47,6 @@ KWARGS = dict(img_resolution=8, img_channels=1, label_dim=10, sigma_data=0.5,
 SMOKE_KWARGS = dict(KWARGS, model_channels=8, attn_resolutions=[])
 
 P_MEAN, P_STD = -1.2, 1.2
-
-
-def load_data() -> tuple[np.ndarray, np.ndarray]:
-    """Digits images ``[1797, 8, 8, 1]`` in [-1, 1] (float32) and labels ``[1797]`` (int32)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = (digits.images.astype(np.float32) / 8.0 - 1.0)[..., None]
-    return images, digits.target.astype(np.int32)
 
 
 def edm_loss(module, params, skip, x, labels, key, label_dropout: float):
@@ -146,7 +137,7 @@ def train(args) -> dict:
 
     kwargs = SMOKE_KWARGS if args.smoke else KWARGS
     module = edm.build(CLASS_NAME, kwargs)
-    images, labels = load_data()
+    images, labels = metrics.real_digits(np.float32)
     n = images.shape[0]
     schedule = optax.linear_schedule(0.0, args.lr, max(1, args.warmup))
     optimizer = optax.adam(schedule)

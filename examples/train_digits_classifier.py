@@ -29,10 +29,8 @@ SIZES = (64, 128, 64, 10)
 
 
 def load_data():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return (digits.images.reshape(-1, 64) / 8.0 - 1.0).astype(np.float32), digits.target
+    images, labels = metrics.real_digits()
+    return images.reshape(-1, 64).astype(np.float32), labels
 
 
 def split(labels, fraction: float, seed: int):

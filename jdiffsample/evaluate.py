@@ -31,10 +31,10 @@ from typing import Callable
 
 import numpy as np
 
+from jdiffsample.pipeline import resolve_model
+
 __all__ = ["SOLVER_SPECS", "Cell", "resolve_model", "steps_for", "Suite", "write_markdown",
            "write_csv", "read_csv", "plot", "save_grids"]
-
-ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,20 +71,6 @@ class Cell:
     error: float
     seconds: float
     fid: float = float("nan")
-
-
-def resolve_model(name_or_path: str) -> Path:
-    """A bundled model name (a folder of ``jdiffsample/assets``) or a checkpoint directory."""
-    bundled = ASSETS / name_or_path
-    if "/" not in name_or_path and (bundled / "config.json").is_file():
-        return bundled
-    path = Path(name_or_path)
-    if (path / "config.json").is_file():
-        return path
-    names = sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").is_file()) \
-        if ASSETS.is_dir() else []
-    raise ValueError(f"{name_or_path!r} is neither a bundled model ({', '.join(names) or 'none'}) "
-                     f"nor a checkpoint directory with a config.json")
 
 
 def steps_for(solver: str, nfe: int) -> tuple[int, bool]:
@@ -161,10 +147,10 @@ class Suite:
         if reference is not None:
             self.fid_reference = fid.load_stats(reference)
             return
-        from sklearn.datasets import load_digits
+        from jdiffsample import metrics
 
         start = time.perf_counter()
-        real = load_digits().images[..., None] / 8.0 - 1.0
+        real, _ = metrics.real_digits()
         self.fid_reference = fid.compute_stats(real, self.inception)
         self.log(f"Inception statistics of {len(real)} real digits in "
                  f"{time.perf_counter() - start:.1f} s")
@@ -316,20 +302,17 @@ class Suite:
         sample count (the floor that sampling noise alone gives)."""
         from jdiffsample import metrics
 
-        real = metrics.digits_classifier()
         out = dict(reference_fd=metrics.digits_fd(self.reference),
                    reference_accuracy=metrics.digits_accuracy(self.reference, self.labels))
         if self.inception is not None:
             out["reference_fid"] = self.fid(self.reference)
         try:
-            from sklearn.datasets import load_digits
-        except ImportError:
+            images, _ = metrics.real_digits()
+        except ImportError:  # scikit-learn is optional
             return out
-        images = load_digits().images / 8.0 - 1.0
         rng = np.random.default_rng(self.seed)
         idx = rng.choice(len(images), min(self.samples, len(images)), replace=False)
-        out["real_subset_fd"] = metrics.frechet_distance(
-            *metrics.feature_stats(real.features(images[idx])), real.real_mu, real.real_cov)
+        out["real_subset_fd"] = metrics.digits_fd(images[idx])
         return out
 
 

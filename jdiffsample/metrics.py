@@ -34,6 +34,7 @@ __all__ = [
     "digits_features",
     "digits_fd",
     "digits_accuracy",
+    "real_digits",
     "CLASSIFIER_DIR",
 ]
 
@@ -122,6 +123,15 @@ class DigitsClassifier:
     def predict(self, images) -> np.ndarray:
         """Predicted classes ``[N]``."""
         return np.argmax(self.logits(images), axis=1)
+
+
+def real_digits(dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 digits as NHWC images ``[1797, 8, 8, 1]`` in [-1, 1] (values 0..16
+    mapped linearly) and their labels ``[1797]`` (int32). Needs scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.images.astype(dtype) / 8.0 - 1.0)[..., None], digits.target.astype(np.int32)
 
 
 @functools.lru_cache(maxsize=2)

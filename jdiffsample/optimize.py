@@ -216,6 +216,15 @@ def _grid_lams(schedule, ts):
         return np.asarray(schedule.lam(jnp.asarray(ts, jnp.float64)), np.float64)
 
 
+def _check_min_gap(min_gap, lams) -> None:
+    """``min_gap`` must leave room for ``len(lams) - 1`` gaps within the grid's lambda span."""
+    n = len(lams) - 1
+    span = lams[-1] - lams[0]
+    if not 0 < min_gap < span / n:
+        raise ValueError(f"min_gap must lie in (0, {span / n:.4g}) (the lambda span over the steps), "
+                         f"got {min_gap}")
+
+
 def _grid_ts(schedule, lams, t_start, t_end):
     with float64():
         ts = np.array(schedule.t_from_lam(jnp.asarray(lams, jnp.float64)), np.float64)
@@ -296,9 +305,7 @@ def optimize_timesteps(
     trunc = _check_trunc(n, trunc, paper)
     t_start, t_end = float(ts0[0]), float(ts0[-1])
     lams0 = _grid_lams(schedule, ts0)
-    span = lams0[-1] - lams0[0]
-    if not 0 < min_gap < span / n:
-        raise ValueError(f"min_gap must lie in (0, {span / n:.4g}) (the lambda span over n_steps), got {min_gap}")
+    _check_min_gap(min_gap, lams0)
     config = dict(order=order, p=float(p), trunc=trunc, paper=bool(paper), ve=schedule.is_ve)
     with float64():
         lams, objective, init_objective, iters = _minimize_bound(
@@ -398,9 +405,7 @@ def learn_timesteps(
     n = len(ts_init) - 1
     t_start, t_end = float(ts_init[0]), float(ts_init[-1])
     lams0 = _grid_lams(schedule, ts_init)
-    span = lams0[-1] - lams0[0]
-    if not 0 < min_gap < span / n:
-        raise ValueError(f"min_gap must lie in (0, {span / n:.4g}) (the lambda span over the steps), got {min_gap}")
+    _check_min_gap(min_gap, lams0)
     teach = functools.partial(
         _teacher, denoise, schedule, solver, t_start=t_start, t_end=t_end, teacher=teacher,
         teacher_steps=teacher_steps, solver_options=solver_options,
@@ -411,7 +416,7 @@ def learn_timesteps(
         holdout_target = teach(holdout)
 
     lam_start = jnp.asarray(lams0[0], dtype)
-    budget = jnp.asarray(span - n * min_gap, dtype)
+    budget = jnp.asarray(lams0[-1] - lams0[0] - n * min_gap, dtype)
 
     def ts_of(free):
         inner = lam_start + jnp.cumsum(min_gap + free[:-1])

@@ -463,19 +463,15 @@ def _fingerprint(settings: dict) -> str:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
     import platform
 
     import jax
+    import jaxlib
 
-    out = {"python": platform.python_version()}
-    for dist in ("jdiffsample", "jax", "jaxlib", "flax", "numpy"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = "unknown"
-    out["backend"] = jax.default_backend()
-    return out
+    from jdiffsample import nets
+
+    return dict(nets._versions(), jaxlib=jaxlib.__version__, python=platform.python_version(),
+                backend=jax.default_backend())
 
 
 def _differences(old: dict, new: dict) -> str:

@@ -9,21 +9,30 @@ the tests and benchmarks.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample.schedules import Schedule
+from jdiffsample.schedules import RectifiedFlow, Schedule
 
 __all__ = [
     "Denoiser",
+    "x0_from_eps",
+    "x0_from_v",
     "from_eps",
     "from_v",
+    "from_velocity",
     "from_x0",
     "from_edm",
     "guided",
+    "classifier_guidance",
+    "prediction_from_x0",
+    "rescale_guidance",
+    "ClassifierGuided",
+    "threshold",
+    "Thresholded",
     "GaussianMixture",
 ]
 
@@ -34,22 +43,41 @@ def _coeffs(schedule: Schedule, t, dtype):
     return schedule.alpha(t).astype(dtype), schedule.sigma(t).astype(dtype)
 
 
+def x0_from_eps(x, eps, t, schedule: Schedule):
+    """The data prediction of a noise prediction: x0 = (x - sigma eps) / alpha."""
+    alpha, sigma = _coeffs(schedule, t, x.dtype)
+    return (x - sigma * eps.astype(x.dtype)) / alpha
+
+
+def x0_from_v(x, v, t, schedule: Schedule):
+    """The data prediction of a velocity v = alpha eps - sigma x0 (VP): x0 = alpha x - sigma v."""
+    alpha, sigma = _coeffs(schedule, t, x.dtype)
+    return alpha * x - sigma * v.astype(x.dtype)
+
+
 def from_eps(eps_fn: Callable, schedule: Schedule) -> Denoiser:
     """Noise prediction ``eps_fn(x, t)``: x0 = (x - sigma eps) / alpha."""
-
-    def denoise(x, t):
-        alpha, sigma = _coeffs(schedule, t, x.dtype)
-        return (x - sigma * eps_fn(x, t)) / alpha
-
-    return denoise
+    return lambda x, t: x0_from_eps(x, eps_fn(x, t), t, schedule)
 
 
 def from_v(v_fn: Callable, schedule: Schedule) -> Denoiser:
     """Velocity prediction ``v_fn(x, t)`` (v = alpha eps - sigma x0, VP): x0 = alpha x - sigma v."""
+    return lambda x, t: x0_from_v(x, v_fn(x, t), t, schedule)
+
+
+def _check_flow(schedule: Schedule, what: str) -> None:
+    if not isinstance(schedule, RectifiedFlow):
+        raise ValueError(f"{what} needs a flow schedule (schedules.RectifiedFlow, alpha = 1 - sigma), got "
+                         f"{schedule!r}; for a VP model's v-prediction use from_v")
+
+
+def from_velocity(v_fn: Callable, schedule: Schedule) -> Denoiser:
+    """Flow-matching velocity ``v_fn(x, t)`` (v = dx/dsigma = eps - x0 under ``RectifiedFlow``):
+    x0 = x - sigma v (sigma = t without shift). ``ValueError`` for a VP or VE schedule."""
+    _check_flow(schedule, "from_velocity")
 
     def denoise(x, t):
-        alpha, sigma = _coeffs(schedule, t, x.dtype)
-        return alpha * x - sigma * v_fn(x, t)
+        return x - schedule.sigma(t).astype(x.dtype) * v_fn(x, t)
 
     return denoise
 
@@ -86,6 +114,112 @@ def guided(cond: Denoiser, uncond: Denoiser, scale: float) -> Denoiser:
         return u + scale * (cond(x, t) - u)
 
     return denoise
+
+
+def classifier_guidance(x0, x, t, labels, logits_fn, scale, schedule: Schedule):
+    """Classifier guidance in data-prediction form: ``x0 + scale sigma_t^2 / alpha_t grad_x log p(y | x_t)``.
+
+    guided-diffusion shifts the mean of each ancestral step by ``scale * variance * grad`` and, for
+    DDIM (``condition_score``), the noise prediction by ``-sqrt(1 - alpha_bar) scale grad``; with
+    x_t = alpha x0 + sigma eps, the latter is x0 + scale sigma^2 / alpha grad, which every solver
+    here consumes. ``logits_fn(x) -> [B, K]`` at this ``t``; ``labels`` int [B].
+    """
+
+    def total(y):
+        log_p = jax.nn.log_softmax(logits_fn(y).astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(log_p, labels[:, None], axis=-1).sum()
+
+    grad = jax.grad(total)(x)
+    alpha, sigma = _coeffs(schedule, t, x.dtype)
+    return x0 + jnp.asarray(scale, x.dtype) * sigma**2 / alpha * grad.astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierGuided:
+    """``denoise`` guided by a classifier ``classify(x, t) -> logits`` towards ``labels`` with weight
+    ``scale`` (:func:`classifier_guidance`); a pytree: labels and scale are traced."""
+
+    denoise: Any
+    classify: Any
+    labels: Any
+    scale: Any
+    schedule: Schedule
+
+    def __call__(self, x, t):
+        return classifier_guidance(self.denoise(x, t), x, t, self.labels, lambda y: self.classify(y, t), self.scale,
+                                   self.schedule)
+
+
+jax.tree_util.register_dataclass(ClassifierGuided, data_fields=["denoise", "classify", "labels", "scale"],
+                                 meta_fields=["schedule"])
+
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+def prediction_from_x0(x, x0, t, schedule: Schedule, prediction: str):
+    """What a network of output type ``prediction`` gives for data prediction ``x0`` at ``(x, t)``:
+    epsilon = (x - alpha x0) / sigma, v = (alpha x - x0) / sigma, or x0 itself."""
+    if prediction == "sample":
+        return x0
+    alpha, sigma = _coeffs(schedule, t, x.dtype)
+    if prediction == "epsilon":
+        return (x - alpha * x0) / sigma
+    if prediction == "v_prediction":
+        return (alpha * x - x0) / sigma
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def rescale_guidance(guided, cond, x, t, schedule: Schedule, prediction: str, phi):
+    """Guidance rescale (Lin et al. 2023), as diffusers' ``rescale_noise_cfg``: in the network's
+    output space, the guided output o is blended with o std(o_cond) / std(o) (per sample) by ``phi``.
+    Inputs and result are data predictions."""
+    o, o_cond = (prediction_from_x0(x, v, t, schedule, prediction) for v in (guided, cond))
+    axes = tuple(range(1, x.ndim))
+    rescaled = o * (jnp.std(o_cond, axis=axes, keepdims=True) / jnp.std(o, axis=axes, keepdims=True))
+    o = phi * rescaled + (1 - phi) * o
+    if prediction == "sample":
+        return o
+    if prediction == "epsilon":
+        return x0_from_eps(x, o, t, schedule)
+    return x0_from_v(x, o, t, schedule)
+
+
+THRESHOLDS = ("static", "dynamic")
+
+
+def threshold(x0, kind: str, ratio=0.995, max_value=1.0):
+    """Thresholding of data predictions in [-1, 1] pixel space.
+
+    ``'static'``: clip to [-1, 1]. ``'dynamic'`` (Saharia et al. 2022, as DPM-Solver and diffusers
+    define it): per sample, s = clip(quantile(|x0|, ratio), 1, max_value) over all its values, and
+    x0 <- clip(x0, -s, s) / s. ``ratio`` and ``max_value`` may be traced.
+    """
+    if kind == "static":
+        return jnp.clip(x0, -1.0, 1.0)
+    if kind != "dynamic":
+        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {kind!r}")
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1)).astype(jnp.float32)
+    s = jnp.clip(jnp.quantile(flat, ratio, axis=1), 1.0, max_value)
+    s = s.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
+    return jnp.clip(x0, -s, s) / s
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholded:
+    """``denoise`` with its data predictions thresholded (:func:`threshold`); a pytree, so the
+    ratio and maximum are traced arguments of a compiled sampler."""
+
+    denoise: Any
+    ratio: Any = 0.995
+    max_value: Any = 1.0
+    kind: str = "dynamic"
+
+    def __call__(self, x, t):
+        return threshold(self.denoise(x, t), self.kind, self.ratio, self.max_value)
+
+
+jax.tree_util.register_dataclass(Thresholded, data_fields=["denoise", "ratio", "max_value"], meta_fields=["kind"])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -155,8 +289,20 @@ class GaussianMixture:
         alpha, sigma = _coeffs(schedule, jnp.asarray(t, dtype), dtype)
         return alpha * x0 + sigma * jax.random.normal(ke, x0.shape, dtype)
 
+    def velocity(self, schedule: Schedule) -> Callable:
+        """The exact flow-matching velocity E[eps - x0 | x_t] = (x - E[x0 | x_t]) / sigma under a
+        ``RectifiedFlow`` schedule (``ValueError`` otherwise): the mixture as a flow model."""
+        _check_flow(schedule, "GaussianMixture.velocity")
+        denoise = self.denoiser(schedule)
+
+        def velocity(x, t):
+            return (x - denoise(x, t)) / schedule.sigma(jnp.asarray(t, x.dtype)).astype(x.dtype)
+
+        return velocity
+
     def denoiser(self, schedule: Schedule) -> Denoiser:
-        """The exact posterior mean E[x0 | x_t] under ``schedule``."""
+        """The exact posterior mean E[x0 | x_t] under ``schedule`` (any alpha/sigma pair: VP, VE,
+        flows)."""
         log_w = np.log(self.weights)
 
         def denoise(x, t):

@@ -1,6 +1,6 @@
 """Optimized time steps: the model-free error bound of Xue et al. (CVPR 2024) and grids learned through a solver.
 
-Two ways to choose the N + 1 times of a few-step sampler:
+Three ways to choose the N + 1 times of a few-step sampler:
 
 * ``optimize_timesteps`` minimizes ``surrogate_objective``, the bound of "Accelerating Diffusion
   Sampling with Optimized Time Steps" (Xue et al., 2024) on the discretization error of an explicit
@@ -8,11 +8,15 @@ Two ways to choose the N + 1 times of a few-step sampler:
   solver order and the error weights sigma^p / alpha, never on a network: tens of milliseconds
   on a CPU once compiled.
 * ``learn_timesteps`` minimizes the measured distance between a few-step solver and a teacher
-  solution over a batch of starting noises, by differentiating through the solver's ``lax.scan``.
+  solution over a batch of starting noises, by differentiating through the solver's ``lax.scan``
+  (``loss='ld3'``: LD3's soft teacher loss, Tong et al., ICLR 2025).
+* ``gits`` (Chen et al., ICML 2024) picks a subset of a fine grid by dynamic programming on the
+  local errors of Euler steps along the model's own trajectories (forward passes only).
 
-Both optimize over the lambda gaps of the grid with the endpoints fixed: the gaps minus a minimum
-gap live on a scaled simplex, and ``jaxopt.ProjectedGradient`` with ``projection_simplex`` keeps
-every iterate a valid, strictly monotone grid.
+The first two optimize over the lambda gaps of the grid with the endpoints fixed: the gaps minus a minimum
+gap live on a scaled simplex, and a projected-gradient method (``_pg_run``: the method of
+``jaxopt.ProjectedGradient`` without acceleration, in a few lines of ``lax``) keeps every iterate a
+valid, strictly monotone grid.
 
 The bound. Between nodes lambda_s < lambda_{s+1} a multistep solver of order k replaces the data
 prediction f by its Lagrange interpolant through the k latest nodes and integrates it exactly
@@ -31,20 +35,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jdiffsample import timesteps
-from jdiffsample.schedules import Schedule, float64
-from jdiffsample.solvers import SOLVERS, core, sample
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # "JAXopt is no longer maintained."
-    import jaxopt
+from jdiffsample.schedules import RectifiedFlow, Schedule, float64
+from jdiffsample.solvers import combine, core, partition, registry, sample
 
 __all__ = [
     "default_trunc",
@@ -54,6 +53,12 @@ __all__ = [
     "optimize_timesteps",
     "LearnResult",
     "learn_timesteps",
+    "ld3_loss",
+    "ld3_radius",
+    "GitsResult",
+    "gits",
+    "gits_costs",
+    "gits_dp",
 ]
 
 
@@ -71,21 +76,37 @@ def default_trunc(n_steps: int) -> int:
     return 3 if n_steps <= 6 else 0
 
 
-def _error_weights(lams, p, ve: bool):
-    if ve:
+def _family(schedule: Optional[Schedule]) -> str:
+    """'vp', 've' or 'flow': the family that fixes alpha as a function of lambda."""
+    if schedule is None:
+        return "vp"
+    if schedule.is_ve:
+        return "ve"
+    return "flow" if isinstance(schedule, RectifiedFlow) else "vp"
+
+
+def _error_weights(lams, p, family: str):
+    if family == "ve":
         return jnp.exp(-p * lams)
-    log_alpha = -0.5 * jnp.logaddexp(0.0, -2.0 * lams)
+    if family == "flow":
+        log_alpha = -jnp.logaddexp(0.0, -lams)
+    else:
+        log_alpha = -0.5 * jnp.logaddexp(0.0, -2.0 * lams)
     return jnp.exp((p - 1.0) * log_alpha - p * lams)
 
 
 def error_weights(lams, p: float = 1, schedule: Optional[Schedule] = None):
     """The per-node error sizes sigma^p / alpha as a function of lambda.
 
-    ``schedule=None`` or any VP schedule: alpha^2 = sigmoid(2 lambda), sigma = alpha e^{-lambda} (the
-    same for every VP schedule). A VE schedule: alpha = 1 and sigma = e^{-lambda}, so the weight is
-    e^{-p lambda}. (For p = 1 both are e^{-lambda}; the reference code uses the VP form for EDM too.)
+    sigma = alpha e^{-lambda} always; alpha(lambda) depends only on the schedule's family.
+    ``schedule=None`` or any VP schedule: alpha^2 = sigmoid(2 lambda) (the same for every VP
+    schedule). A VE schedule: alpha = 1, so the weight is e^{-p lambda}. A flow
+    (``RectifiedFlow``, any shift): alpha + sigma = 1, alpha = sigmoid(lambda). For p = 1 all three
+    are e^{-lambda} (the reference code uses the VP form for EDM too); for p = 2 the weight is
+    alpha e^{-2 lambda}, with the same limits e^{-lambda} (noise end) and e^{-2 lambda} (data end)
+    for VP and flows, the flow's a little lower in between (sigmoid(lambda)^2 < sigmoid(2 lambda)).
     """
-    return _error_weights(jnp.asarray(lams), p, schedule is not None and schedule.is_ve)
+    return _error_weights(jnp.asarray(lams), p, _family(schedule))
 
 
 def _step_plan(n_steps: int, order: int, trunc: int, paper: bool):
@@ -134,14 +155,14 @@ def _lagrange_weights(lams, orders):
     return jnp.where(k == 1, w1, jnp.where(k == 2, w2, w3))
 
 
-def _objective(lams, order, p, trunc, paper, ve, delta):
+def _objective(lams, order, p, trunc, paper, family, delta):
     """The bound with |x| replaced by sqrt(x^2 + delta^2) (exact for ``delta = 0``); static config."""
     n = lams.shape[0] - 1
     orders, separate, rss = _step_plan(n, order, trunc, paper)
     w = _lagrange_weights(lams, orders)
     node = np.clip(np.arange(n)[:, None] - 2 + np.arange(3)[None, :], 0, None)
     used = np.arange(3)[None, :] >= 3 - orders[:, None]  # [N, 3]: the nodes each step uses
-    terms = _error_weights(lams[:-1], p, ve)[node] * w  # [N, 3]
+    terms = _error_weights(lams[:-1], p, family)[node] * w  # [N, 3]
     accumulate = ~separate & ~rss
 
     def smooth_abs(x, mask):  # masked first, so unused entries give no NaN gradient at delta = 0
@@ -186,8 +207,91 @@ def surrogate_objective(
     if lams.ndim != 1 or lams.shape[0] < 2:
         raise ValueError(f"lams must be a 1-D array of at least 2 values, got shape {lams.shape}")
     trunc = _check_trunc(lams.shape[0] - 1, trunc, paper)
-    ve = schedule is not None and schedule.is_ve
-    return _objective(lams, order, p, trunc, paper, ve, 0.0)
+    return _objective(lams, order, p, trunc, paper, _family(schedule), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Projected gradient with backtracking (jaxopt.ProjectedGradient's method, acceleration off)
+#
+# Written out here rather than taken from jaxopt, for a small compiled program: jaxopt with
+# implicit_diff=False unrolls its loops into scans of maxiter and maxls steps of lax.cond (every
+# step runs, as a no-op after convergence), traces its first update twice and evaluates the loss
+# apart from its gradient in the line search. Compiling that for the bound took seconds, most of
+# a cold ``jdiffsample steps``, and importing jaxopt (with the SciPy it pulls in) 0.4 s more.
+# Here the loss and its gradient are evaluated at one place in the program, once per trial point:
+# an accepted trial point's loss and gradient are those the next iteration needs.
+
+_MAX_HALVINGS = 15  # backtracking steps per iteration at most (jaxopt's maxls)
+
+
+def _project_simplex(v, total):
+    """Euclidean projection of a vector onto {x >= 0, sum(x) = total} (sort and threshold)."""
+    u = jnp.sort(v)[::-1]
+    excess = jnp.cumsum(u) - total
+    k = jnp.arange(1, v.shape[0] + 1, dtype=v.dtype)
+    n_pos = jnp.count_nonzero(u - excess / k > 0)  # the support size of the projection
+    return jnp.maximum(v - excess[n_pos - 1] / n_pos, 0.0)
+
+
+def _tree_dot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+class _PGState(NamedTuple):
+    """x: the iterate, f and g the loss and gradient there; y: the trial point, tried with stepsize s
+    after k halvings; fresh: y = x is to be evaluated (a start, no step); it: accepted iterations;
+    error: ||x - x_previous|| / (the next stepsize), the stopping criterion."""
+
+    x: Any
+    f: jax.Array
+    g: Any
+    y: Any
+    s: jax.Array
+    k: jax.Array
+    fresh: jax.Array
+    it: jax.Array
+    error: jax.Array
+
+
+def _pg_start(x, dtype) -> _PGState:
+    """A state that evaluates the loss at ``x`` and then steps from stepsize 1."""
+    one = jnp.ones((), dtype)
+    return _PGState(x, jnp.inf * one, x, x, one, jnp.asarray(0), jnp.asarray(True), jnp.asarray(0), jnp.inf * one)
+
+
+def _pg_run(value_and_grad, project, state: _PGState, stop_at, tol) -> _PGState:
+    """Projected-gradient iterations until ``state.it`` reaches ``stop_at`` or the criterion is <= ``tol``.
+
+    Each iteration: x' = project(x - s g), with s halved from the stepsize (at most ``_MAX_HALVINGS``
+    times) until the sufficient decrease s (f(x') - f) <= s <g, x' - x> + ||x' - x||^2 / 2 (+ the
+    dtype's epsilon) holds; the next one tries 2 s (1 after s fell to 1e-6). One loop step evaluates
+    ``value_and_grad`` at one trial point. ``x`` may be a pytree; ``project`` maps onto the feasible set.
+    """
+    tree_map = jax.tree_util.tree_map
+
+    def pick(c, a, b):
+        return tree_map(lambda u, v: jnp.where(c, u, v), a, b)
+
+    def running(st):
+        return st.fresh | ((st.it < stop_at) & (st.error > tol))
+
+    def step(st):
+        fy, gy = value_and_grad(st.y)
+        d = tree_map(jnp.subtract, st.y, st.x)
+        eps = jnp.finfo(fy.dtype).eps
+        decrease = st.s * (fy - st.f) <= st.s * _tree_dot(d, st.g) + 0.5 * _tree_dot(d, d) + eps
+        accept = ~st.fresh & (decrease | (st.k >= _MAX_HALVINGS))
+        halve = ~st.fresh & ~accept
+        s = jnp.where(accept, jnp.where(st.s <= 1e-6, jnp.ones_like(st.s), 2.0 * st.s), st.s)
+        s = jnp.where(halve, 0.5 * st.s, s)
+        x, f, g = pick(halve, (st.x, st.f, st.g), (st.y, fy, gy))
+        return _PGState(
+            x=x, f=f, g=g, y=project(tree_map(lambda a, b: a - s * b, x, g)), s=s,
+            k=jnp.where(halve, st.k + 1, 0), fresh=jnp.asarray(False), it=st.it + accept,
+            error=jnp.where(accept, jnp.sqrt(_tree_dot(d, d)) / s, st.error),
+        )
+
+    return jax.lax.while_loop(running, step, state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,9 +315,42 @@ class StepOptimResult:
     iterations: int
 
 
-def _grid_lams(schedule, ts):
+# The bound's programs work on N + 1 scalars but have about a hundred small kernels, and XLA's CPU
+# backend spent most of a cold ``jdiffsample steps`` compiling them (about 1.5 s of CPU; evaluated
+# op by op, the grid conversions compiled each operation apart, about 0.5 s more). Without LLVM
+# optimization and with XLA's elemental emitters instead of its fusion emitters they compile 4-5x
+# faster and run in tens of milliseconds instead of about 20: the right trade for programs run once
+# per process. The options change only how kernels are generated, not the operations (IEEE float64
+# either way); the optimum moves by rounding only. They run on the CPU whatever the default device:
+# on a GPU each of the ~1500 loop steps would be kernel launches and a host sync.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _jit(fun, static_argnames, fast: bool):
+    return jax.jit(fun, static_argnames=static_argnames, compiler_options=_FAST_COMPILE if fast else None)
+
+
+def _on_cpu(fun, static_argnames: tuple, args: tuple, **static):
+    """``fun(*args, **static)`` compiled with ``_FAST_COMPILE`` (as usual where XLA lacks those
+    options) on the CPU, in float64."""
     with float64():
-        return np.asarray(schedule.lam(jnp.asarray(ts, jnp.float64)), np.float64)
+        args = jax.device_put(tuple(np.asarray(a, np.float64) for a in args), jax.local_devices(backend="cpu")[0])
+        try:
+            return _jit(fun, static_argnames, True)(*args, **static)
+        except jax.errors.JaxRuntimeError as err:  # an XLA version without these options
+            if "compile option" not in str(err):
+                raise
+            return _jit(fun, static_argnames, False)(*args, **static)
+
+
+def _schedule_map(values, *, schedule, method):
+    return getattr(schedule, method)(values)
+
+
+def _grid_lams(schedule, ts):
+    return np.asarray(_on_cpu(_schedule_map, ("schedule", "method"), (ts,), schedule=schedule, method="lam"),
+                      np.float64)
 
 
 def _check_min_gap(min_gap, lams) -> None:
@@ -226,16 +363,15 @@ def _check_min_gap(min_gap, lams) -> None:
 
 
 def _grid_ts(schedule, lams, t_start, t_end):
-    with float64():
-        ts = np.array(schedule.t_from_lam(jnp.asarray(lams, jnp.float64)), np.float64)
+    ts = np.array(_on_cpu(_schedule_map, ("schedule", "method"), (lams,), schedule=schedule, method="t_from_lam"),
+                  np.float64)
     ts[0], ts[-1] = t_start, t_end
     if not np.all(np.diff(ts) < 0):
         raise ValueError(f"the optimized grid is not strictly decreasing in t: {ts}; increase min_gap")
     return ts
 
 
-@functools.partial(jax.jit, static_argnames=("order", "p", "trunc", "paper", "ve", "maxiter"))
-def _minimize_bound(lams0, min_gap, tol, *, order, p, trunc, paper, ve, maxiter):
+def _minimize_bound(lams0, min_gap, tol, *, order, p, trunc, paper, family, maxiter):
     """Projected gradient on the gaps: lams = lams0[0] + cumsum(min_gap + free), free on a simplex.
 
     Minimizes the log of the bound (scale-free step sizes), smoothed with delta = ``_SMOOTHING``
@@ -243,32 +379,27 @@ def _minimize_bound(lams0, min_gap, tol, *, order, p, trunc, paper, ve, maxiter)
     the optimized lambdas (endpoints exact), the bound there and at ``lams0``, and the iterations.
     """
     n = lams0.shape[0] - 1
-    bound = functools.partial(_objective, order=order, p=p, trunc=trunc, paper=paper, ve=ve)
+    bound = functools.partial(_objective, order=order, p=p, trunc=trunc, paper=paper, family=family)
+    budget = lams0[-1] - lams0[0] - n * min_gap
 
     def lams_of(free):
         inner = lams0[0] + jnp.cumsum(min_gap + free[:-1])
         return jnp.concatenate([lams0[:1], inner, lams0[-1:]])
 
-    def loss(free, delta):
-        return jnp.log(bound(lams_of(free), delta=delta))
-
-    solver = jaxopt.ProjectedGradient(
-        fun=loss, projection=jaxopt.projection.projection_simplex, maxiter=maxiter, tol=tol,
-        acceleration=False, implicit_diff=False,
-    )
-    budget = lams0[-1] - lams0[0] - n * min_gap
+    def project(free):
+        return _project_simplex(free, budget)
 
     init_bound = bound(lams0, delta=0.0)
     deltas = jnp.asarray(_SMOOTHING) * init_bound / n
 
     def stage(i, carry):
         free, iters = carry
-        out = solver.run(free, budget, deltas[i])
-        return out.params, iters + out.state.iter_num
+        loss = lambda free: jnp.log(bound(lams_of(free), delta=deltas[i]))  # noqa: E731
+        out = _pg_run(jax.value_and_grad(loss), project, _pg_start(free, free.dtype), maxiter, tol)
+        return out.x, iters + out.it
 
     # Start from the initial gaps, moved onto the feasible set (all gaps >= min_gap).
-    free0 = jaxopt.projection.projection_simplex(jnp.diff(lams0) - min_gap, budget)
-    free, iters = jax.lax.fori_loop(0, len(_SMOOTHING), stage, (free0, jnp.asarray(0)))
+    free, iters = jax.lax.fori_loop(0, len(_SMOOTHING), stage, (project(jnp.diff(lams0) - min_gap), jnp.asarray(0)))
     lams = lams_of(free)
     return lams, bound(lams, delta=0.0), init_bound, iters
 
@@ -292,8 +423,8 @@ def optimize_timesteps(
 
     ``init``: the starting grid, one of ``timesteps.GRIDS`` ('logsnr', 'uniform', 'quadratic',
     'karras'). The lambda gaps are kept >= ``min_gap`` and summing to the span, so every iterate is a
-    strictly monotone grid; ``jaxopt.ProjectedGradient`` (projection onto the simplex, backtracking
-    line search, exact gradients) minimizes the log of the bound, first with |x| smoothed to
+    strictly monotone grid; projected gradient (projection onto the simplex, backtracking line
+    search, exact gradients; ``_pg_run``) minimizes the log of the bound, first with |x| smoothed to
     sqrt(x^2 + delta^2) for decreasing delta (the bound has kinks where a node total C_i vanishes),
     then exactly. ``maxiter`` and ``tol`` apply to each of those stages. Runs in float64.
     """
@@ -306,11 +437,10 @@ def optimize_timesteps(
     t_start, t_end = float(ts0[0]), float(ts0[-1])
     lams0 = _grid_lams(schedule, ts0)
     _check_min_gap(min_gap, lams0)
-    config = dict(order=order, p=float(p), trunc=trunc, paper=bool(paper), ve=schedule.is_ve)
-    with float64():
-        lams, objective, init_objective, iters = _minimize_bound(
-            jnp.asarray(lams0), jnp.float64(min_gap), jnp.float64(tol), maxiter=int(maxiter), **config
-        )
+    config = dict(order=order, p=float(p), trunc=trunc, paper=bool(paper), family=_family(schedule))
+    lams, objective, init_objective, iters = _on_cpu(
+        _minimize_bound, tuple(config) + ("maxiter",), (lams0, min_gap, tol), maxiter=int(maxiter), **config
+    )
     lams = np.asarray(lams, np.float64)
     return StepOptimResult(
         ts=_grid_ts(schedule, lams, t_start, t_end), lams=lams, objective=float(objective),
@@ -322,26 +452,52 @@ def optimize_timesteps(
 # Learning a grid through the solver
 
 
-def _solver_fn(solver):
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
-    return SOLVERS[solver]
-
-
 def learned_loss(ts, denoise, schedule: Schedule, solver: str, noise, target, **solver_options):
     """Mean squared distance between ``solver`` run on the grid ``ts`` from ``noise`` and ``target``.
 
     Differentiable in ``ts`` (the loss ``learn_timesteps`` minimizes, through the solver's ``lax.scan``).
     """
-    out = _solver_fn(solver)(denoise, noise, ts, schedule, **solver_options)
+    out = registry.get(solver).fn(denoise, noise, ts, schedule, **solver_options)
     return jnp.mean(jnp.square(out - target))
+
+
+def _unit_balls(u):
+    """Each sample of ``u`` (leading axis) projected onto the unit L2 ball."""
+    norm = core.safe_sqrt(jnp.sum(jnp.square(u), axis=tuple(range(1, u.ndim)), keepdims=True))
+    return u / jnp.maximum(norm, 1.0)
+
+
+def ld3_radius(schedule: Schedule, noise, t_start, nfe: int) -> float:
+    """LD3's ball radius r sigma(t_start), r = 0.001 d / NFE^2 (d the dimension of one sample), as
+    the authors' code sets ``prior_bound`` (``utils.adjust_hyper``) on the unit-variance latent."""
+    d = int(np.prod(jnp.shape(noise)[1:]))
+    with float64():
+        sigma = float(schedule.sigma(jnp.float64(t_start)))
+    return 0.001 * d / nfe**2 * sigma
+
+
+def ld3_loss(ts, slack, denoise, schedule: Schedule, solver: str, noise, target, radius, **solver_options):
+    """LD3's soft teacher loss (Tong et al., ICLR 2025) for given slack: ``learned_loss`` with the
+    student started from noise + ``radius`` P(slack) instead of the teacher's noise, P the projection
+    of each sample onto the unit L2 ball.
+
+    Minimized over the slack as well (``learn_timesteps(loss='ld3')``), this is LD3's relaxed
+    objective E[min over x' in B(x_T, radius) of d(student(x'), teacher(x_T))]: the student need only
+    reach the teacher's sample from some start near the teacher's (the paper's rationale: a few-step
+    student cannot represent the teacher's map exactly, and the looser target generalizes better).
+    The distance is the squared L2 one (the paper's image experiments use LPIPS). Differentiable in
+    ``ts`` and ``slack``.
+    """
+    start = noise + radius * _unit_balls(slack).astype(noise.dtype)
+    return learned_loss(ts, denoise, schedule, solver, start, target, **solver_options)
 
 
 @dataclasses.dataclass(frozen=True)
 class LearnResult:
-    """A learned grid (``ts``, ``lams``) and its mean squared errors against the teacher, before
-    (``init_*``) and after learning, on the training noises and on the held-out ones (NaN without
-    ``holdout``); ``history`` holds (iteration, train error, held-out error) per progress line."""
+    """A learned grid (``ts``, ``lams``) and its errors against the teacher, before (``init_*``) and
+    after learning: the training loss (the mean squared error, or LD3's soft loss) and the held-out
+    mean squared error (NaN without ``holdout``); ``history`` holds (iteration, train error, held-out
+    error) per progress line."""
 
     ts: np.ndarray
     lams: np.ndarray
@@ -380,6 +536,8 @@ def learn_timesteps(
     log_every: int = 10,
     verbose: bool = False,
     callback: Optional[Callable] = None,
+    loss: str = "mse",
+    radius: Optional[float] = None,
     **solver_options,
 ) -> LearnResult:
     """Learn the interior times of ``ts_init`` by minimizing ``learned_loss`` against a teacher.
@@ -389,18 +547,25 @@ def learn_timesteps(
     ``teacher_steps`` logSNR steps, or ``teacher='heun'``) is computed once for both batches.
 
     The grid is parameterized by its lambda gaps, kept >= ``min_gap`` and summing to the span
-    (endpoints fixed) on a scaled simplex, and ``jaxopt.ProjectedGradient`` (backtracking line
+    (endpoints fixed) on a scaled simplex, and projected gradient (``_pg_run``, backtracking line
     search) minimizes the log of the loss with gradients through the solver's ``lax.scan``. Every
     ``log_every`` iterations the errors are recorded, printed with ``verbose`` and passed to
     ``callback(iteration, ts, train_error, holdout_error)``. Stops after ``maxiter`` iterations or when
     the projected-gradient residual falls below ``tol``. Runs in the dtype of ``noise``.
+
+    ``loss='ld3'``: LD3's soft teacher loss (``ld3_loss``), minimized jointly over the grid and one
+    slack per training sample in a ball of ``radius`` (default ``ld3_radius``: LD3's 0.001 d / NFE^2
+    times sigma at ``ts_init[0]``), projected like the gaps. The train error is then that loss; the
+    held-out error is always the plain mean squared error from the held-out noises.
     """
-    _solver_fn(solver)  # validate the name early
+    if loss not in ("mse", "ld3"):
+        raise ValueError(f"loss must be 'mse' or 'ld3', got {loss!r}")
+    registry.get(solver).resolve(solver_options)  # validate the name and options early
     noise = jnp.asarray(noise)
     dtype = noise.dtype
     ts_init = np.asarray(ts_init, np.float64)
     core.validate(noise, ts_init, schedule)
-    if schedule.is_ve and ts_init[-1] == 0:
+    if schedule.zero_end and ts_init[-1] == 0:
         raise ValueError("learn_timesteps needs a final time > 0 (lambda is infinite at sigma = 0)")
     n = len(ts_init) - 1
     t_start, t_end = float(ts_init[0]), float(ts_init[-1])
@@ -423,48 +588,196 @@ def learn_timesteps(
         ts = schedule.t_from_lam(inner).astype(dtype)
         return jnp.concatenate([jnp.asarray([t_start], dtype), ts, jnp.asarray([t_end], dtype)])
 
-    def mse(free, x, y):
-        return learned_loss(ts_of(free), denoise, schedule, solver, x, y, **solver_options)
+    # The denoiser's arrays (a network's weights) and the batches are arguments of the compiled
+    # steps, not constants baked into them.
+    arrays, static = partition(denoise)
 
-    pg = jaxopt.ProjectedGradient(
-        fun=lambda free: jnp.log(mse(free, noise, target)),
-        projection=jaxopt.projection.projection_simplex, maxiter=maxiter, tol=tol,
-        acceleration=False, implicit_diff=False,
-    )
-    update = jax.jit(lambda free, state: pg.update(free, state, budget))
-    evaluate = jax.jit(mse)
+    def mse(free, arrays, x, y):
+        return learned_loss(ts_of(free), combine(arrays, static), schedule, solver, x, y, **solver_options)
 
-    def errors(free):
-        train = float(evaluate(free, noise, target))
-        held = float(evaluate(free, holdout, holdout_target)) if holdout is not None else math.nan
+    free = _project_simplex(jnp.asarray(np.diff(lams0) - min_gap, dtype), budget)
+    if loss == "ld3":  # params: (gaps, slack), the slack in units of the radius (unit balls)
+        if radius is None:
+            radius = ld3_radius(schedule, noise, t_start, registry.get(solver).nfe(n))
+        radius = jnp.asarray(radius, dtype)
+
+        def objective(params, arrays, x, y):
+            free, slack = params
+            return ld3_loss(ts_of(free), slack, combine(arrays, static), schedule, solver, x, y, radius,
+                            **solver_options)
+
+        def projection(params):
+            return _project_simplex(params[0], budget), _unit_balls(params[1])
+
+        params = (free, jnp.zeros_like(noise))
+        gaps_of = lambda params: params[0]  # noqa: E731
+    else:
+        objective, params = mse, free
+        projection = lambda free: _project_simplex(free, budget)  # noqa: E731
+        gaps_of = lambda params: params  # noqa: E731
+
+    @jax.jit
+    def update(state, arrays, x, y):  # one more iteration
+        value_and_grad = jax.value_and_grad(lambda params: jnp.log(objective(params, arrays, x, y)))
+        return _pg_run(value_and_grad, projection, state, state.it + 1, -jnp.inf)
+
+    evaluate, evaluate_mse = jax.jit(objective), jax.jit(mse)
+
+    def errors(params):
+        train = float(evaluate(params, arrays, noise, target))
+        held = math.nan if holdout is None else float(evaluate_mse(gaps_of(params), arrays, holdout, holdout_target))
         return train, held
 
     history = []
 
-    def report(it, free):
-        train, held = errors(free)
+    def report(it, params):
+        train, held = errors(params)
         history.append((it, train, held))
         if verbose:
-            print(f"learn_timesteps: iter {it:4d}  train mse {train:.4e}  held-out mse {held:.4e}", flush=True)
+            print(f"learn_timesteps: iter {it:4d}  train {loss} {train:.4e}  held-out mse {held:.4e}", flush=True)
         if callback is not None:
-            callback(it, np.asarray(ts_of(free), np.float64), train, held)
+            callback(it, np.asarray(ts_of(gaps_of(params)), np.float64), train, held)
         return train, held
 
-    free = jaxopt.projection.projection_simplex(jnp.asarray(np.diff(lams0) - min_gap, dtype), budget)
-    state = pg.init_state(free, budget)
-    init_train, init_held = train, held = report(0, free)
+    state = _pg_start(params, dtype)
+    init_train, init_held = train, held = report(0, params)
     it = 0
     while it < maxiter:
-        free, state = update(free, state)
+        state = update(state, arrays, noise, target)
+        params = state.x
         it += 1
         done = not float(state.error) > tol  # converged (or NaN)
         if it % log_every == 0 or done or it == maxiter:
-            train, held = report(it, free)
+            train, held = report(it, params)
         if done:
             break
-    inner = lams0[0] + np.cumsum(min_gap + np.asarray(free[:-1], np.float64))
+    inner = lams0[0] + np.cumsum(min_gap + np.asarray(gaps_of(params)[:-1], np.float64))
     lams = np.concatenate([lams0[:1], inner, lams0[-1:]])
     return LearnResult(
         ts=_grid_ts(schedule, lams, t_start, t_end), lams=lams, train_error=train, holdout_error=held,
         init_train_error=init_train, init_holdout_error=init_held, iterations=it, history=tuple(history),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# GITS: dynamic programming over a fine grid
+
+
+@dataclasses.dataclass(frozen=True)
+class GitsResult:
+    """A GITS grid: ``ts`` (N + 1 times, a subset of ``fine_ts``), their ``indices`` in the fine grid,
+    the cost matrix the dynamic programme minimized over and the minimum ``value``."""
+
+    ts: np.ndarray
+    indices: tuple
+    fine_ts: np.ndarray
+    cost: np.ndarray
+    value: float
+
+
+_GITS_METRICS = ("dev", "l2", "l1")
+
+
+def gits_dp(cost, n_steps: int, coeff: float = 1.15) -> tuple[tuple, float]:
+    """GITS's dynamic programme: the path 0 = i_0 < i_1 < ... < i_N = M - 1 through the M fine points
+    minimizing sum_k coeff^k cost[i_k, i_{k+1}] (later steps weigh more for ``coeff`` > 1).
+
+    V[j, 1] = cost[j, M-1] and V[j, k] = min over j < i < M - 1 of cost[j, i] + coeff V[i, k-1], as in
+    the authors' ``gits_utils.dp``; ties go to the smallest index. Returns (indices, V[0, N]).
+    """
+    cost = np.asarray(cost, np.float64)
+    m = cost.shape[0]
+    if cost.ndim != 2 or cost.shape[1] != m or m < 2:
+        raise ValueError(f"cost must be a square matrix over at least 2 fine points, got shape {cost.shape}")
+    if isinstance(n_steps, bool) or int(n_steps) != n_steps or not 1 <= n_steps <= m - 1:
+        raise ValueError(f"n_steps must be an integer in [1, {m - 1}] (the fine grid has {m} points), got {n_steps!r}")
+    n_steps = int(n_steps)
+    value = np.full((m, n_steps + 1), np.inf)
+    choice = np.zeros((m, n_steps + 1), int)
+    value[:, 1] = cost[:, m - 1]
+    allowed = np.triu(np.ones((m, m), bool), 1)
+    allowed[:, m - 1] = False  # only the last step reaches the end
+    for k in range(2, n_steps + 1):
+        total = np.where(allowed, cost + coeff * value[None, :, k - 1], np.inf)
+        choice[:, k] = np.argmin(total, axis=1)
+        value[:, k] = total[np.arange(m), choice[:, k]]
+    path, j = [0], 0
+    for k in range(n_steps, 1, -1):
+        j = int(choice[j, k])
+        path.append(j)
+    path.append(m - 1)
+    return tuple(path), float(value[0, n_steps])
+
+
+def _deviation(points, start, end):
+    """Distance of each point [..., B, D] from the line through start and end [B, D] (per sample)."""
+    chord = end - start
+    unit = chord / np.linalg.norm(chord, axis=-1, keepdims=True)
+    rel = end - points
+    perp = rel - np.sum(rel * unit, axis=-1, keepdims=True) * unit
+    return np.linalg.norm(perp, axis=-1)
+
+
+def gits_costs(denoise, schedule: Schedule, fine_ts, x_init, *, solver: str = "ipndm", metric: str = "dev",
+               **solver_options) -> np.ndarray:
+    """GITS's cost matrix over the fine grid: c[i, j] (i < j) is the error of one Euler (= DDIM) step
+    from the teacher's state at fine time i to fine time j, in EDM coordinates x / alpha.
+
+    The teacher is ``solver`` on ``fine_ts`` from ``x_init`` (the warm-up noises). ``metric``:
+    'l2' / 'l1', the mean over samples of the norm of the difference to the teacher's state at j;
+    'dev' (the authors' default), the mean distance of the step's end from the chord joining the
+    teacher trajectory's first and last states, minus the teacher state's own. Costs are float64.
+    """
+    if metric not in _GITS_METRICS:
+        raise ValueError(f"metric must be one of {_GITS_METRICS}, got {metric!r}")
+    fine_ts = np.asarray(fine_ts, np.float64)
+    x_init = jnp.asarray(x_init)
+    traj = sample(denoise, x_init, fine_ts, schedule, solver, return_trajectory=True, **solver_options)
+    arrays, static = partition(denoise)
+    predict = jax.jit(lambda arrays, xs, ts: jax.lax.map(lambda a: combine(arrays, static)(*a), (xs, ts)))
+    data = predict(arrays, traj[:-1], jnp.asarray(fine_ts[:-1], x_init.dtype))
+    with float64():
+        alpha = np.asarray(schedule.alpha(jnp.asarray(fine_ts)), np.float64)
+        level = np.asarray(schedule.edm_sigma(jnp.asarray(fine_ts)), np.float64)
+    m, batch = len(fine_ts), x_init.shape[0]
+    flat = lambda a: np.asarray(a, np.float64).reshape(a.shape[0], batch, -1)  # noqa: E731
+    states = flat(traj) / alpha[:, None, None]  # [M, B, D] teacher states in x / alpha
+    data = flat(data)
+    if metric == "dev":
+        teacher_dev = _deviation(states, states[0], states[-1]).mean(axis=1)
+    cost = np.zeros((m, m))
+    for i in range(m - 1):
+        ratio = (level[i + 1 :] / level[i])[:, None, None]
+        jumped = ratio * states[i] + (1.0 - ratio) * data[i]  # [M - i - 1, B, D]: Euler to every j > i
+        if metric == "dev":
+            cost[i, i + 1 :] = _deviation(jumped, states[0], states[-1]).mean(axis=1) - teacher_dev[i + 1 :]
+        else:
+            order = 2 if metric == "l2" else 1
+            cost[i, i + 1 :] = np.linalg.norm(jumped - states[i + 1 :], ord=order, axis=-1).mean(axis=1)
+    return cost
+
+
+def gits(
+    denoise, schedule: Schedule, n_steps: int, x_init, *, fine_steps: int = 60, fine_grid: str = "karras",
+    solver: str = "ipndm", metric: str = "dev", coeff: float = 1.15, t_start=None, t_end=None, **solver_options,
+) -> GitsResult:
+    """GITS (Chen et al., ICML 2024): the ``n_steps``-step subset of a fine grid chosen by dynamic
+    programming on the local errors of the model's own warm-up trajectories.
+
+    The fine grid is ``timesteps.get(fine_grid, schedule, fine_steps, t_start=..., t_end=...)`` (the
+    authors: 60 Karras steps with rho = 7, iPNDM as teacher, metric 'dev', coeff 1.15); ``x_init``
+    [B, ...] are warm-up noises at its first time, run through the teacher ``solver`` (with
+    ``solver_options``). ``gits_costs`` builds the cost matrix and ``gits_dp`` picks the path; the
+    whole costs fine_steps model calls for the teacher and as many for the data predictions along it.
+    """
+    if denoise is None or not callable(denoise):
+        raise ValueError("gits needs the model: denoise must be a callable denoise(x, t) (it searches the "
+                         "grid on the model's own trajectories)")
+    registry.get(solver).resolve(solver_options)
+    fine_ts = timesteps.get(fine_grid, schedule, fine_steps, t_start=t_start, t_end=t_end)
+    if isinstance(n_steps, bool) or int(n_steps) != n_steps or not 1 <= n_steps <= len(fine_ts) - 1:
+        raise ValueError(f"n_steps must be an integer in [1, {len(fine_ts) - 1}] (fine_steps), got {n_steps!r}")
+    core.validate(jnp.asarray(x_init), fine_ts, schedule)
+    cost = gits_costs(denoise, schedule, fine_ts, x_init, solver=solver, metric=metric, **solver_options)
+    indices, value = gits_dp(cost, int(n_steps), coeff)
+    return GitsResult(ts=fine_ts[list(indices)], indices=indices, fine_ts=fine_ts, cost=cost, value=value)

@@ -11,8 +11,9 @@ Every schedule exposes, as jit- and grad-friendly functions of a time array ``t`
 Solvers work in lambda, so a schedule only needs these few methods. Schedules are frozen dataclasses
 (hashable, so they can be static arguments of ``jax.jit``).
 
-``VE`` is the EDM convention: ``t`` is the noise level sigma itself and alpha = 1. A VE grid may end at
-t = 0, where lambda = +inf; solvers treat that last step specially, so ``lam(0)`` is never needed.
+``VE`` is the EDM convention: ``t`` is the noise level sigma itself and alpha = 1. ``RectifiedFlow`` is
+flow matching: alpha = 1 - sigma. On schedules with ``zero_end`` (VE, flows) a grid may end at t = 0,
+where sigma = 0 and lambda = +inf; solvers treat that last step specially, so ``lam(0)`` is never needed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Schedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "get", "float64"]
+__all__ = ["Schedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "RectifiedFlow", "get", "float64"]
 
 
 def float64():
@@ -47,6 +48,7 @@ class Schedule:
     t_min: float
     t_max: float
     is_ve: bool = False
+    zero_end: bool = False  # a grid may end at t = 0, where sigma = 0 (VE, flows)
 
     def log_alpha(self, t):
         raise NotImplementedError
@@ -74,6 +76,12 @@ class Schedule:
     def edm_sigma(self, t):
         """sigma / alpha = exp(-lam): the EDM / VE noise level of time ``t``."""
         return jnp.exp(-self.lam(t))
+
+    def prior_std(self, t):
+        """Standard deviation of the starting noise at time ``t``: 1 for VP schedules and flows (data
+        of unit scale: x_t ~ N(0, alpha^2 + sigma^2) = N(0, 1), as DPM-Solver and diffusers start),
+        sigma for VE (EDM's sigma_max * noise)."""
+        return self.sigma(t) if self.is_ve else jnp.ones_like(jnp.asarray(t))
 
     def check_times(self, ts) -> None:
         """Raise ``ValueError`` if any of the (concrete) times lies outside the domain."""
@@ -136,10 +144,13 @@ class VPDiscrete(Schedule):
 
     Continuous time follows DPM-Solver: training step n (0-based) sits at t_n = (n + 1) / N and
     log alpha is interpolated linearly in t between them, so t lies in [1/N, 1]. The network is
-    called with ``model_time(t) = N t - 1`` (the training index, fractional in between).
+    called with ``model_time(t) = N t - 1`` (the training index, fractional in between). A grid may
+    end at t = 0 (alpha = 1, sigma = 0), as diffusers' multistep schedulers do by default
+    (``final_sigmas_type='zero'``): the last step then returns the data prediction.
     """
 
     alphas_cumprod: np.ndarray
+    zero_end = True
 
     def __post_init__(self):
         a = np.asarray(self.alphas_cumprod, dtype=np.float64)
@@ -181,7 +192,8 @@ class VPDiscrete(Schedule):
     def log_alpha(self, t):
         t_grid, log_alpha = self._tables()
         t = jnp.asarray(t)
-        return jnp.interp(t, t_grid.astype(t.dtype), log_alpha.astype(t.dtype))
+        inside = jnp.interp(t, t_grid.astype(t.dtype), log_alpha.astype(t.dtype))
+        return jnp.where(t > 0, inside, jnp.zeros_like(inside))  # t = 0: the data, alpha = 1
 
     def t_from_lam(self, lam):
         t_grid, log_alpha = self._tables()
@@ -193,6 +205,13 @@ class VPDiscrete(Schedule):
 
     def model_time(self, t):
         return self.num_steps * t - 1.0
+
+    def check_times(self, ts) -> None:
+        ts = np.asarray(ts, dtype=np.float64)
+        super().check_times(ts[:-1] if ts.size > 1 and ts[-1] == 0 else ts)
+        if ts.size and ts[-1] < 0:
+            raise ValueError(f"time {ts[-1]!r} is outside the domain of {self!r}: times must lie in "
+                             f"[{self.t_min}, {self.t_max}] (or end at 0)")
 
     def __eq__(self, other):
         return isinstance(other, VPDiscrete) and np.array_equal(self.alphas_cumprod, other.alphas_cumprod)
@@ -215,6 +234,7 @@ class VE(Schedule):
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     is_ve = True
+    zero_end = True
 
     @property
     def t_min(self) -> float:  # type: ignore[override]
@@ -253,11 +273,68 @@ class VE(Schedule):
             raise ValueError("a VE grid may reach sigma = 0 only at its last point")
 
 
-_NAMES = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE}
+@dataclasses.dataclass(frozen=True)
+class RectifiedFlow(Schedule):
+    """Flow matching / rectified flow: x_t = (1 - sigma) x0 + sigma eps with sigma = sigma(t).
+
+    ``shift`` is the SD3/Flux time shift, sigma(t) = shift t / (1 + (shift - 1) t) (1: sigma = t), so
+    lambda(t) = log((1 - t) / t) - log(shift): the shift only moves lambda by a constant, and
+    ``t_from_lam`` is the exact inverse t = 1 / (1 + shift e^lambda).
+
+    Valid times are 0 <= t < 1. At t = 1 (pure noise) alpha = 0 and lambda = -inf, which no
+    lambda-based solver step can start from: start just below (diffusers' flow UniPC starts at
+    1 - 1e-6; the neglected data fraction of the state is 1 - t). t = 0 (sigma = 0) may only end a
+    grid; that step returns the data prediction, as for ``VE``. The default sampling range
+    [``t_min``, ``t_max``] = [1e-3, 1 - 1e-3] is symmetric in lambda (+-6.9 - log(shift)); 1e-3 is
+    also diffusers' last nonzero flow time (1 / num_train_timesteps). ``model_time`` is sigma(t),
+    the shifted noise level flow networks are trained with (diffusers' SD3/Flux pipelines pass
+    1000 sigma). In float32, a time t near 1 fixes alpha = 1 - sigma only to about 6e-8 / (1 - t)
+    relative; the noise-prediction solvers (DEIS, iPNDM), which divide by alpha, feel it most.
+    """
+
+    shift: float = 1.0
+    t_min: float = 1e-3
+    t_max: float = 1.0 - 1e-3
+    zero_end = True
+
+    def __post_init__(self):
+        if not self.shift > 0:
+            raise ValueError(f"shift must be positive, got {self.shift}")
+        if not 0.0 < self.t_min < self.t_max < 1.0:
+            raise ValueError(f"need 0 < t_min < t_max < 1, got t_min={self.t_min}, t_max={self.t_max}")
+
+    def log_alpha(self, t):
+        t = jnp.asarray(t)
+        return jnp.log1p(-t) - jnp.log1p((self.shift - 1.0) * t)
+
+    def log_sigma(self, t):
+        t = jnp.asarray(t)
+        return math.log(self.shift) + jnp.log(t) - jnp.log1p((self.shift - 1.0) * t)
+
+    def lam(self, t):
+        t = jnp.asarray(t)
+        return jnp.log1p(-t) - jnp.log(t) - math.log(self.shift)
+
+    def t_from_lam(self, lam):
+        return jax.nn.sigmoid(-(jnp.asarray(lam) + math.log(self.shift)))
+
+    def model_time(self, t):
+        return self.sigma(t)
+
+    def check_times(self, ts) -> None:
+        ts = np.asarray(ts, dtype=np.float64)
+        if not np.all(np.isfinite(ts)) or np.any(ts < 0) or np.any(ts >= 1):
+            raise ValueError(f"flow times must lie in [0, 1) (t = 1 has alpha = 0: start below it), got {ts}")
+        if np.any(ts[:-1] == 0):
+            raise ValueError("a flow grid may reach t = 0 (sigma = 0) only at its last point")
+
+
+_NAMES = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE, "flow": RectifiedFlow}
 
 
 def get(name: str) -> Schedule:
-    """A schedule by name: 'vp-linear', 'vp-cosine', 've' (alias 'edm'), or 'vp-discrete' (DDPM linear)."""
+    """A schedule by name: 'vp-linear', 'vp-cosine', 've' (alias 'edm'), 'flow' (rectified flow, shift 1),
+    or 'vp-discrete' (DDPM linear)."""
     if name == "vp-discrete":
         return VPDiscrete.linear()
     if name not in _NAMES:

@@ -1,7 +1,9 @@
 """Time grids: 1-D arrays of N+1 strictly decreasing times, from ``t_start`` (noise) to ``t_end``.
 
 All grids are computed in float64 NumPy and returned as such; solvers cast them to the state's
-dtype. ``t_start``/``t_end`` default to the schedule's ``t_max``/``t_min``.
+dtype. ``t_start``/``t_end`` default to the schedule's ``t_max``/``t_min``. ``ays`` returns the
+published Align Your Steps grids (fixed noise ranges); grids searched with a model (GITS) or a bound
+are in :mod:`jdiffsample.optimize`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 
 from jdiffsample.schedules import Schedule, float64
 
-__all__ = ["logsnr", "uniform_t", "quadratic_t", "karras", "get", "GRIDS"]
+__all__ = ["logsnr", "uniform_t", "quadratic_t", "karras", "ays", "AYS_SIGMAS", "get", "GRIDS"]
 
 
 def _endpoints(schedule: Schedule, t_start, t_end):
@@ -82,15 +84,17 @@ def karras(
 ) -> np.ndarray:
     """EDM / Karras et al. grid: uniform in sigma_edm^(1/rho), sigma_edm = sigma / alpha.
 
-    With ``final_zero=True`` (VE only) the ``n_steps`` points run from ``t_start`` to ``t_end`` and a
-    final 0 is appended, exactly as EDM's sampler does; otherwise N+1 points span the range.
+    With ``final_zero=True`` (schedules with ``zero_end``, e.g. VE, flows) the ``n_steps`` points run from
+    ``t_start`` to ``t_end`` and a final 0 is appended, exactly as EDM's sampler does; otherwise N+1
+    points span the range.
     """
     n = _check_n(n_steps)
     t_start, t_end = _endpoints(schedule, t_start, t_end)
     if rho <= 0:
         raise ValueError(f"rho must be positive, got {rho}")
-    if final_zero and not schedule.is_ve:
-        raise ValueError("final_zero=True needs a VE schedule: only there can a grid end at sigma = 0")
+    if final_zero and not schedule.zero_end:
+        raise ValueError(f"final_zero=True needs a schedule whose grids may end at sigma = 0 (zero_end: VE, "
+                         f"flows); {schedule!r} has none")
     points = n if final_zero else n + 1
     if points == 1:
         s = np.array([np.exp(-_lam(schedule, t_start))])
@@ -101,6 +105,54 @@ def karras(
     ts = _t(schedule, -np.log(s))
     ts = _pin_ends(ts, t_start, t_end) if points > 1 else np.array([t_start])
     return np.append(ts, 0.0) if final_zero else ts
+
+
+# Align Your Steps (Sabour, Fidler & Kreis, ICML 2024): the published 10-step schedules as EDM noise
+# levels sigma / alpha, from NVIDIA's quickstart guide
+# (https://research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html, as reproduced in ComfyUI's
+# AlignYourStepsScheduler). Stable Diffusion 1.5 and SDXL publish training-step indices,
+# [999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0] and [999, 845, 730, 587, 443, 310, 193, 116, 53,
+# 13, 0]; these sigmas are exactly Stable Diffusion's (scaled-linear betas 0.00085 to 0.012, 1000
+# steps) at those indices. Stable Video Diffusion's are continuous EDM sigmas.
+AYS_SIGMAS = {
+    "sd15": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+             0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
+    "svd": (700.0, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
+}
+_AYS_RTOL = 1e-3
+
+
+def ays(schedule: Schedule, n_steps: int, *, model: str) -> np.ndarray:
+    """Align Your Steps: the published schedule of ``model`` ('sd15', 'sdxl', 'svd'; see ``AYS_SIGMAS``).
+
+    At its native 10 steps the grid is the published one; for more steps the noise levels are
+    interpolated linearly in log sigma over a uniform index, as the authors recommend
+    (``loglinear_interp`` in their guide), which keeps the grid strictly decreasing. Fewer than 10
+    steps would drop optimized levels: ``ValueError``, as for a schedule whose noise range is not the
+    model's (the grid's first and last sigma / alpha must be the schedule's at ``t_max`` and ``t_min``
+    to 1e-3: e.g. ``VPDiscrete`` with Stable Diffusion's betas, ``VE(0.002, 700)`` for SVD). The
+    times are ``t_from_lam(-log sigma)`` with the ends pinned to ``t_max``/``t_min``. The grid ends at
+    sigma_min, as in NVIDIA's own example (ComfyUI and diffusers' ``AysSchedules`` replace that last
+    level by 0).
+    """
+    if model not in AYS_SIGMAS:
+        raise ValueError(f"no published Align Your Steps schedule for {model!r}; choose one of {sorted(AYS_SIGMAS)}")
+    published = np.asarray(AYS_SIGMAS[model], np.float64)
+    native = len(published) - 1
+    n = _check_n(n_steps)
+    if n < native:
+        raise ValueError(f"Align Your Steps publishes {native}-step schedules; log-linear interpolation refines "
+                         f"them to n_steps >= {native}, got {n}")
+    with _host():
+        ends = np.exp(-np.asarray(schedule.lam(np.asarray([schedule.t_max, schedule.t_min], np.float64))))
+    if not np.allclose(ends, published[[0, -1]], rtol=_AYS_RTOL, atol=0.0):
+        raise ValueError(f"the Align Your Steps schedule of {model!r} spans sigma {published[0]:g} to "
+                         f"{published[-1]:g}; {schedule!r} spans {ends[0]:.6g} to {ends[-1]:.6g} "
+                         "(it is for another model)")
+    log_sigma = np.interp(np.linspace(0.0, 1.0, n + 1), np.linspace(0.0, 1.0, native + 1), np.log(published))
+    return _pin_ends(_t(schedule, -log_sigma), schedule.t_max, schedule.t_min)
 
 
 GRIDS = {"logsnr": logsnr, "uniform": uniform_t, "quadratic": quadratic_t, "karras": karras}

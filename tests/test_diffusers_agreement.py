@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+torch = require("torch")
+diffusers = require("diffusers")
 
 import jdiffsample  # noqa: E402
 from jdiffsample import models, schedules  # noqa: E402

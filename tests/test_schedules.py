@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 
 from jdiffsample import models, schedules, timesteps
 
@@ -47,7 +48,7 @@ def test_vp_cosine_closed_form():
 
 
 def test_vp_discrete_matches_diffusers_tables():
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = require("diffusers")
     ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").alphas_cumprod.double().numpy()
     sch = schedules.VPDiscrete.linear()
     n = np.arange(1000)

@@ -1,61 +1,103 @@
 """Solvers: pure functions ``solver(denoise, x, ts, schedule, *, key=None, **options) -> x_final``.
 
-Each runs the whole trajectory as one ``lax.scan``. NFE for a grid of N steps:
+Each runs the whole trajectory as one ``lax.scan`` and is registered once in
+:mod:`jdiffsample.solvers.registry` with its options, model calls per step, order and whether it
+needs a key; ``registry.get(name)`` tells, and every other part of the package asks it.
 
-==============  ==========================================================
-``ddim``        N
-``euler``       N
-``heun``        2N (2N - 1 when a VE grid ends at sigma = 0)
-``dpmpp``       N
-``unipc``       N
-``sa_solver``   N
-==============  ==========================================================
-
-``sample`` dispatches by name and compiles once per (solver, options, N, shapes).
+``sample`` dispatches by name and compiles once per (solver, options, N, shapes). The denoiser is
+an argument of the compiled program, not a constant in it: a pytree denoiser (a loaded network
+with its variables, labels and guidance scale as leaves, or ``jax.tree_util.Partial(fn, *arrays)``)
+runs with other weights, labels or guidance without recompiling. A plain function is a static part
+of the program (a new closure compiles anew).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-from jdiffsample.solvers import core
-from jdiffsample.solvers.ddim import ddim
-from jdiffsample.solvers.dpmpp import dpmpp
-from jdiffsample.solvers.heun import euler, heun
-from jdiffsample.solvers.sa_solver import sa_solver
-from jdiffsample.solvers.unipc import unipc
+import importlib
+import pkgutil
 
-SOLVERS = {
-    "ddim": ddim,
-    "euler": euler,
-    "heun": heun,
-    "dpmpp": dpmpp,
-    "unipc": unipc,
-    "sa_solver": sa_solver,
-}
+from jdiffsample.solvers import core, registry
+from jdiffsample.solvers.registry import Option, get, register
 
-__all__ = ["SOLVERS", "sample", "nfe", *SOLVERS]
+# Every other module of this package defines and registers solvers: a new solver is a new module.
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name not in ("core", "registry"):
+        _module = importlib.import_module(f"{__name__}.{_info.name}")
+        globals().update({name: registry.get(name).fn for name in registry.names()
+                          if getattr(_module, name, None) is not None})
+
+__all__ = ["sample", "register", "get", "names", "partition", "combine", "Option", "SOLVERS", *registry.names()]
 
 
-def nfe(solver: str, n_steps: int, final_zero: bool = False) -> int:
-    """Model calls of ``solver`` on a grid of ``n_steps`` steps."""
-    _solver_fn(solver)
-    if solver == "heun":
-        return 2 * n_steps - (1 if final_zero else 0)
-    return n_steps
+class _Solvers(Mapping):
+    """``SOLVERS[name]``: the registered solver functions (a live, read-only view of the registry)."""
+
+    def __getitem__(self, name):
+        return registry.get(name).fn
+
+    def __iter__(self):
+        return iter(registry.names())
+
+    def __len__(self):
+        return len(registry.names())
 
 
-def _solver_fn(name: str):
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
-    return SOLVERS[name]
+SOLVERS = _Solvers()
 
 
-_POSITIONAL = ("denoise", "x", "ts", "schedule", "key", "return_trajectory")
+def names() -> list[str]:
+    """Names of the registered solvers."""
+    return registry.names()
+
+
+# --------------------------------------------------------------------------------------------
+# Denoisers as program arguments
+
+
+def _is_array(leaf) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, float, int, complex)) and not isinstance(leaf, bool)
+
+
+class _Static:
+    """A non-array leaf (a function, a string) as part of the compiled program's identity."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        try:
+            return hash(self.value)
+        except TypeError:
+            return id(self.value)
+
+    def __eq__(self, other):
+        if not isinstance(other, _Static):
+            return False
+        try:
+            return bool(self.value == other.value)
+        except Exception:  # noqa: BLE001 (arrays and other values without a plain ==)
+            return self.value is other.value
+
+
+def partition(tree):
+    """Split a pytree into its array leaves (traced) and the rest (static, hashable)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    arrays = [leaf if _is_array(leaf) else None for leaf in leaves]
+    static = (treedef, tuple(None if _is_array(leaf) else _Static(leaf) for leaf in leaves))
+    return arrays, static
+
+
+def combine(arrays, static):
+    """Inverse of :func:`partition`."""
+    treedef, others = static
+    leaves = [a if s is None else s.value for a, s in zip(arrays, others)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _freeze(value):
@@ -66,29 +108,25 @@ def _freeze(value):
     return value
 
 
-@functools.partial(jax.jit, static_argnames=("solver", "denoise", "schedule", "options", "return_trajectory"))
-def _run(x, ts, key, *, solver, denoise, schedule, options, return_trajectory):
-    return SOLVERS[solver](denoise, x, ts, schedule, key=key, return_trajectory=return_trajectory, **dict(options))
+@functools.partial(jax.jit, static_argnames=("solver", "static", "schedule", "options", "return_trajectory"))
+def _run(arrays, x, ts, key, *, solver, static, schedule, options, return_trajectory):
+    denoise = combine(arrays, static)
+    return registry.get(solver).fn(denoise, x, ts, schedule, key=key, return_trajectory=return_trajectory,
+                                   **dict(options))
 
 
 def sample(denoise, x, ts, schedule, solver: str = "unipc", key=None, return_trajectory: bool = False, **options):
     """Sample with the named solver, jitted (one compile per solver, options, N and shapes).
 
-    Returns the final state, or with ``return_trajectory=True`` all N+1 states (for multistep
-    solvers the corrected state at each grid time).
+    ``denoise``: a function ``(x, t) -> x0_hat`` or a callable pytree (its array leaves are traced
+    arguments, so other weights, labels or guidance reuse the compiled program). Returns the final
+    state, or with ``return_trajectory=True`` all N+1 states (for multistep solvers the corrected
+    state at each grid time).
     """
-    fn = _solver_fn(solver)
-    core.validate(x, ts, schedule, key=key)
+    info = registry.get(solver)
+    options = info.resolve(options)
+    core.validate(x, ts, schedule, key=key, needs_key=info.needs_key(options))
     frozen = tuple(sorted((k, _freeze(v)) for k, v in options.items()))
-    try:
-        hash(frozen)
-    except TypeError as err:
-        raise ValueError(f"solver options must be hashable values: {err}") from None
-    allowed = [p for p in inspect.signature(fn).parameters if p not in _POSITIONAL]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for solver {solver!r}; allowed: {allowed}")
-    return _run(
-        x, ts, key, solver=solver, denoise=denoise, schedule=schedule, options=frozen,
-        return_trajectory=return_trajectory,
-    )
+    arrays, static = partition(denoise)
+    return _run(arrays, x, ts, key, solver=solver, static=static, schedule=schedule, options=frozen,
+                return_trajectory=return_trajectory)

@@ -1,4 +1,4 @@
-"""The exponential-integrator core shared by DDIM, DPM-Solver++, UniPC and SA-Solver.
+"""The exponential-integrator core shared by DDIM, DPM-Solver++, UniPC, SA-Solver, DEIS and iPNDM.
 
 Every multistep solver of this package is one update rule in half-log-SNR lambda. Going from s to t
 (h = lam_t - lam_s > 0) with stochasticity tau (z = (1 + tau^2) h)::
@@ -16,14 +16,28 @@ corrector follows, and small changes to the moments g: UniPC's "B(h)" shortcut a
 g_1, DPM-Solver++(3M) as the other libraries compute it halves g_2. All coefficients are computed in
 JAX from the lambda grid, so they follow ``ts`` under ``jax.grad``.
 
-The sampling loop is one ``lax.scan`` with a fixed-size history of data predictions (PEC: the model
-is evaluated once per step, at the predicted point; the corrector reuses that evaluation).
+Noise-prediction plans (``Plan.prediction = 'noise'``, the ODE only) interpolate E = (x - alpha X) /
+sigma instead, in the form x_t / alpha_t = x_s / alpha_s + int E d rho (rho = sigma / alpha =
+e^{-lambda}), with the interpolation variable ``Plan.variable``:
+
+* 'lambda': w = -sigma_t h V^{-T} g(-h), the exact moments of the kernel e^{h (1-u)} (DEIS "log-rho");
+* 't': the same kernel with the polynomial in the schedule's time t: g_k = int_0^1 e^{h(1-u)} v(u)^k du,
+  v the normalized t along the step, by Gauss-Legendre quadrature in lambda (DEIS "tAB");
+* 'rho': a plain Adams method in rho, w = alpha_t (rho_t - rho_s) V^{-T} [1 / (k + 1)] (DEIS "rhoAB",
+  iPNDM_v); with ``equal_steps`` the nodes are r_j = -j whatever the grid, which gives the classical
+  fixed Adams-Bashforth coefficients (iPNDM).
+
+The sampling loop is one ``lax.scan`` with a fixed-size history of the predictions (PEC: the model
+is evaluated once per step, at the predicted point; the corrector reuses that evaluation). Without a
+network a step is bound by memory traffic, so it is written to read each state-sized array about
+once: the history is a ring buffer updated in place, and each result is one fused kernel
+(``benchmarks/solver_passes.py`` counts the passes in the compiled program).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +52,9 @@ __all__ = [
 
 _SERIES_TERMS = 24  # |z| < 1: the remainder z^24 / 24! is far below float64 precision
 _SHORTCUTS = ("exact", "bh1", "bh2")
+_PREDICTIONS = ("data", "noise")
+_VARIABLES = ("lambda", "t", "rho")
+_QUADRATURE = np.polynomial.legendre.leggauss(32)  # the 't' moments: exact for degree < 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,13 +68,14 @@ def safe_sqrt(u):
 
 
 def moments(z, n: int):
-    """g_k = k! phi_{k+1}(-z) = int_0^1 e^{-z(1-u)} u^k du for k = 0..n-1, for z >= 0 (any shape).
+    """g_k = k! phi_{k+1}(-z) = int_0^1 e^{-z(1-u)} u^k du for k = 0..n-1, for real z (any shape).
 
-    A power series for z < 1 and the recursion g_k = (1 - k g_{k-1}) / z otherwise; both branches
-    are masked so that gradients stay finite.
+    z >= 0 is the data-prediction kernel, z = -h the noise-prediction one. A power series for
+    |z| < 1 and the recursion g_k = (1 - k g_{k-1}) / z otherwise; both branches are masked so that
+    gradients stay finite.
     """
     z = jnp.asarray(z)
-    small = z < 1.0
+    small = jnp.abs(z) < 1.0
     zs = jnp.where(small, z, 0.5)
     zb = jnp.where(small, 1.5, z)
     out = []
@@ -110,6 +128,9 @@ class Plan:
     corr_order[k]: number of nodes of the corrector of step k, target included (0 = none).
     pred_shortcut / corr_shortcut: 'exact', 'bh1' or 'bh2' for two-node predictors / correctors.
     halve_g2: DPM-Solver++(3M) as implemented elsewhere (the second-difference weight halved).
+    prediction: 'data' (X) or 'noise' (E) is interpolated; variable: 'lambda', 't' or 'rho', the
+    variable of the interpolating polynomial ('t' and 'rho' with 'noise' only; see the module doc).
+    equal_steps: nodes at r = 0, -1, -2, ... (fixed classical coefficients) instead of the grid's.
     """
 
     pred_order: tuple
@@ -117,43 +138,105 @@ class Plan:
     pred_shortcut: str = "exact"
     corr_shortcut: str = "exact"
     halve_g2: bool = False
+    prediction: str = "data"
+    variable: str = "lambda"
+    equal_steps: bool = False
 
     def __post_init__(self):
         assert len(self.pred_order) == len(self.corr_order)
         assert self.pred_shortcut in _SHORTCUTS and self.corr_shortcut in _SHORTCUTS
+        assert self.prediction in _PREDICTIONS and self.variable in _VARIABLES
+        assert self.variable == "lambda" or self.prediction == "noise", "'t' and 'rho' interpolate noise"
+        if self.prediction == "noise":  # the shortcuts are data-prediction conventions
+            assert (self.pred_shortcut, self.corr_shortcut, self.halve_g2) == ("exact", "exact", False)
 
     @property
     def history(self) -> int:
         return max(max(self.pred_order), max(self.corr_order) - 1, 1)
 
 
-def _past_nodes(lams, h, n_nodes):
-    """r[k, j] = (lam_{k-j} - lam_k) / h_k for j < n_nodes (indices below 0 repeat lam_0; masked)."""
-    n_steps = h.shape[0]
+def _past_nodes(coord, step, n_nodes):
+    """r[k, j] = (c_{k-j} - c_k) / (c_{k+1} - c_k) for j < n_nodes (indices below 0 repeat c_0; masked)."""
+    n_steps = step.shape[0]
     k = np.arange(n_steps)[:, None]
     idx = np.maximum(k - np.arange(n_nodes)[None, :], 0)
-    return (lams[idx] - lams[:-1][:, None]) / h[:, None]
+    return (coord[idx] - coord[:-1][:, None]) / step[:, None]
 
 
-def _tables(plan: Plan, lams, log_sigma, alpha, tau_sq):
-    """Per-step multipliers, weights and noise scales (all [N] or [N, n]) from the lambda grid."""
+def _t_moments(schedule: Schedule, lams, ts, n: int):
+    """g_k = int_0^1 e^{h (1-u)} v(u)^k du, v the normalized time at lambda_s + u h (quadrature in u)."""
+    x, w = (jnp.asarray(a, lams.dtype) for a in _QUADRATURE)
+    u, w = 0.5 * (x + 1.0), 0.5 * w
+    h = lams[1:] - lams[:-1]
+    t_q = schedule.t_from_lam(lams[:-1, None] + h[:, None] * u).astype(lams.dtype)
+    v = (t_q - ts[:-1, None]) / (ts[1:] - ts[:-1])[:, None]
+    kernel = jnp.exp(h[:, None] * (1.0 - u)) * w
+    powers = [jnp.ones_like(v)]
+    for _ in range(1, n):
+        powers.append(powers[-1] * v)
+    return jnp.stack([jnp.sum(kernel * p, axis=1) for p in powers], axis=1)
+
+
+class _Grid(NamedTuple):
+    """The grid quantities the tables need (a final t = 0 replaced by a finite stand-in)."""
+
+    t: jax.Array
+    lam: jax.Array
+    log_sigma: jax.Array
+    alpha: jax.Array
+    log_alpha: jax.Array
+    rho: jax.Array
+    final_zero: jax.Array
+
+
+def _grid(ts, schedule: Schedule, dtype) -> _Grid:
+    t_safe, lams, log_sigma, alpha, final_zero = grid_values(ts, schedule, dtype)
+    log_alpha = schedule.log_alpha(t_safe).astype(dtype)
+    return _Grid(t_safe, lams, log_sigma, alpha, log_alpha, jnp.exp(-lams), final_zero)
+
+
+def _tables(plan: Plan, schedule: Schedule, grid: _Grid, tau_sq):
+    """Per-step multipliers, weights and noise scales (all [N] or [N, n]) from the grid."""
+    lams = grid.lam
     h = lams[1:] - lams[:-1]
     z = (1.0 + tau_sq) * h
-    mult = jnp.exp(log_sigma[1:] - log_sigma[:-1] - tau_sq * h)
-    noise = jnp.exp(log_sigma[1:]) * safe_sqrt(-jnp.expm1(-2.0 * tau_sq * h))
-    hist = plan.history
+    noise_form = plan.prediction == "noise"
+    if noise_form:
+        mult = jnp.exp(grid.log_alpha[1:] - grid.log_alpha[:-1])
+    else:
+        mult = jnp.exp(grid.log_sigma[1:] - grid.log_sigma[:-1] - tau_sq * h)
+    noise = jnp.exp(grid.log_sigma[1:]) * safe_sqrt(-jnp.expm1(-2.0 * tau_sq * h))
+    coord = {"lambda": lams, "t": grid.t, "rho": grid.rho}[plan.variable]
+    step = coord[1:] - coord[:-1]
+    if plan.variable == "rho":
+        scale = jnp.exp(grid.log_alpha[1:]) * step
+        base = lambda n: jnp.broadcast_to(1.0 / jnp.arange(1, n + 1, dtype=h.dtype), (h.shape[0], n))  # noqa: E731
+    elif plan.variable == "t":
+        scale = -jnp.exp(grid.log_sigma[1:]) * h
+        base = lambda n: _t_moments(schedule, lams, grid.t, n)  # noqa: E731
+    elif noise_form:
+        scale = -jnp.exp(grid.log_sigma[1:]) * h
+        base = lambda n: moments(-h, n)  # noqa: E731
+    else:
+        scale = grid.alpha[1:] * z
+        base = lambda n: moments(z, n)  # noqa: E731
+
+    def nodes(n):
+        if plan.equal_steps:
+            return jnp.broadcast_to(-jnp.arange(n, dtype=h.dtype), (h.shape[0], n))
+        return _past_nodes(coord, step, n)
 
     def weights(r, order, shortcut, halve):
-        g = moments(z, r.shape[1])
+        g = base(r.shape[1])
         g1 = jnp.where(order == 2, _shortcut_g1(shortcut, g), g[:, 1]) if r.shape[1] > 1 else None
         if g1 is not None:
             g = g.at[:, 1].set(g1)
         if halve and r.shape[1] > 2:
             g = g.at[:, 2].set(jnp.where(order == 3, 0.5 * g[:, 2], g[:, 2]))
         w = jax.vmap(node_weights)(r, order, g)
-        return (alpha[1:] * z)[:, None] * w
+        return scale[:, None] * w
 
-    r_pred = _past_nodes(lams, h, hist)
+    r_pred = nodes(plan.history)
     wp = weights(r_pred, jnp.asarray(plan.pred_order), plan.pred_shortcut, plan.halve_g2)
     # Corrector nodes: the target (r = 1), then the current and past points.
     r_corr = jnp.concatenate([jnp.ones_like(r_pred[:, :1]), r_pred], axis=1)
@@ -228,14 +311,14 @@ def check_order(name: str, value, lo: int, hi: int) -> int:
 
 
 def grid_values(ts, schedule: Schedule, dtype):
-    """lambda, log sigma and alpha on the grid, plus whether the grid ends at sigma = 0 (VE).
+    """lambda, log sigma and alpha on the grid, plus whether the grid ends at sigma = 0 (``zero_end``).
 
     A final sigma = 0 makes lambda infinite; it is replaced by a finite stand-in here and the step
     is turned into 'return the data prediction' by the caller, so no inf or NaN reaches the
     coefficients or their gradients.
     """
     ts = jnp.asarray(ts, dtype)
-    if schedule.is_ve:
+    if schedule.zero_end:
         final_zero = ts[-1] == 0
         t_safe = ts.at[-1].set(jnp.where(final_zero, ts[-2] * 0.5, ts[-1]))
     else:
@@ -257,61 +340,89 @@ def multistep(
 ):
     """Run a predictor(-corrector) exponential Adams method as one ``lax.scan``.
 
-    ``tau_sq`` [N] (or None for the ODE): stochasticity per step. The model is called once per step
-    (N calls for N steps): at t_k on the state predicted for t_k.
+    ``tau_sq`` [N] (or None for the ODE): stochasticity per step (data-prediction plans only). The
+    model is called once per step (N calls for N steps): at t_k on the state predicted for t_k.
     """
     dtype = x.dtype
     n_steps = len(plan.pred_order)
-    t_safe, lams, log_sigma, alpha, final_zero = grid_values(ts, schedule, dtype)
+    noise_form = plan.prediction == "noise"
+    if noise_form and tau_sq is not None:
+        raise ValueError("noise-prediction plans integrate the ODE only (tau must be None)")
+    grid = _grid(ts, schedule, dtype)
     stochastic = tau_sq is not None
     tau_sq = jnp.zeros(n_steps, dtype) if tau_sq is None else jnp.asarray(tau_sq, dtype)
-    mult, wp, wc, noise_std = _tables(plan, lams, log_sigma, alpha, tau_sq)
+    mult, wp, wc, noise_std = _tables(plan, schedule, grid, tau_sq)
 
-    # The step into sigma = 0 returns the current data prediction.
+    # The step into sigma = 0 returns the current data prediction X (= (x - sigma E) / alpha).
     last = n_steps - 1
-    is_last_zero = (jnp.arange(n_steps) == last) & final_zero
-    mult = jnp.where(is_last_zero, 0.0, mult)
+    is_last_zero = (jnp.arange(n_steps) == last) & grid.final_zero
     noise_std = jnp.where(is_last_zero, 0.0, noise_std)
-    wp = jnp.where(is_last_zero[:, None], jnp.eye(wp.shape[1], dtype=dtype)[0], wp)
+    first = jnp.eye(wp.shape[1], dtype=dtype)[0]
+    if noise_form:
+        end_mult, end_w = jnp.exp(-grid.log_alpha[-2]), -grid.rho[-2] * first
+    else:
+        end_mult, end_w = 0.0, first
+    mult = jnp.where(is_last_zero, end_mult, mult)
+    wp = jnp.where(is_last_zero[:, None], end_w, wp)
 
-    # History: a ring buffer of the last H data predictions; prediction of step k sits in slot k % H.
-    # Instead of shifting the buffer, the weights (indexed by age j) are permuted into slot order.
+    # History: a ring buffer of the predictions (X, or E). Step k first stores its own in slot k % S
+    # (S = H + 1 slots) and then reads the prediction of age a (step k - a) from slot (k - a) % S:
+    # the slot overwritten held age S, which no step reads (the corrector reads ages 0..H, the
+    # predictor 0..H-1), so every read comes after the write it depends on and the buffer is updated
+    # in place, without copies.
     hist_len = plan.history
-    steps = np.arange(n_steps)[:, None]
-    slots = np.arange(hist_len)[None, :]
-    xs = dict(t=t_safe[:-1], step=jnp.arange(n_steps), mult=mult, noise=noise_std)
-    xs["wp"] = wp[:, :hist_len][np.arange(n_steps)[:, None], (steps - slots) % hist_len]
+    slots = hist_len + 1
+    xs = dict(t=grid.t[:-1], step=jnp.arange(n_steps), mult=mult, noise=noise_std, wp=wp[:, :hist_len])
+    if noise_form:  # the model's output is stored as E = (x - alpha X) / sigma
+        xs.update(alpha=grid.alpha[:-1], sigma=jnp.exp(grid.log_sigma[:-1]))
 
-    # The corrector of step k is applied at the start of step k + 1, after the model call at t_{k+1}.
+    # The corrector of step k is applied at the start of step k + 1, after the model call at t_{k+1}:
+    # its nodes (the target, the current point, the past ones) are then of ages 0, 1, ..., H. Its
+    # first terms are the predictor's, base = mult x + noise xi (the same step from the same state,
+    # with the same draw): with noise the loop carries base (not the state and the draw apart), else
+    # the state, which the next step multiplies (XLA then computes the corrected state once, where
+    # carrying base would have it recompute the corrector in two kernels).
     use_corrector = max(plan.corr_order) > 0
+    has_corr = np.concatenate([[False], np.asarray(plan.corr_order[:-1]) > 0])
+    # Where a step has no corrector its state is the predicted one, x_eval. Step 0 never has one, and
+    # the carried value it starts with is the initial x = x_eval: the loop reads x_eval only if a
+    # later step lacks one.
+    keep_eval = use_corrector and not has_corr[1:].all()
     if use_corrector:
         shift = lambda a: jnp.concatenate([jnp.zeros_like(a[:1]), a[:-1]])  # noqa: E731
-        c_hist = wc[:, 1 : hist_len + 1][np.arange(n_steps)[:, None], (steps - slots) % hist_len]
-        xs.update(
-            c_mult=shift(mult), c_new=shift(wc[:, 0]), c_hist=shift(c_hist), c_noise=shift(noise_std),
-            has_corr=jnp.asarray(np.concatenate([[False], np.asarray(plan.corr_order[:-1]) > 0])),
-        )
-    combine = lambda w, stack: jnp.tensordot(w, stack, axes=1)  # noqa: E731
+        xs.update(c_mult=shift(mult), c_w=shift(wc[:, : hist_len + 1]), has_corr=jnp.asarray(has_corr))
+
+    # The weighted sums are written out age by age (in the order of the dot product over the stacked
+    # history they replace), so that XLA fuses them with the rest of the update: one kernel per result
+    # (the corrected state, the next state), reading each array it needs once. A dot product was a
+    # kernel of its own, whose result another kernel read back.
+    def weighted(weights, hist, step, n):
+        ages = [jax.lax.dynamic_index_in_dim(hist, (step - a) % slots, keepdims=False) for a in range(n)]
+        total = weights[0] * ages[0]
+        for a in range(1, n):
+            total = total + weights[a] * ages[a]
+        return total
 
     def step(carry, s):
-        x_eval, x_prev, hist, xi_prev = carry
+        x_eval, prev, hist = carry
         m = denoise(x_eval, s["t"]).astype(dtype)
+        if noise_form:
+            m = (x_eval - s["alpha"] * m) / s["sigma"]
+        hist = jax.lax.dynamic_update_index_in_dim(hist, m, s["step"] % slots, 0)
         x_cur = x_eval
-        if use_corrector:  # hist still holds steps k-1, k-2, ...: c_hist is permuted for step k-1
-            corrected = s["c_mult"] * x_prev + s["c_new"] * m + combine(s["c_hist"], hist)
-            if stochastic:
-                corrected = corrected + s["c_noise"] * xi_prev
-            x_cur = jnp.where(s["has_corr"], corrected, x_eval)
-        hist = jax.lax.dynamic_update_index_in_dim(hist, m, s["step"] % hist_len, 0)
-        x_next = s["mult"] * x_cur + combine(s["wp"], hist)
-        xi = xi_prev
+        if use_corrector:
+            first = prev if stochastic else s["c_mult"] * prev
+            corrected = first + weighted(s["c_w"], hist, s["step"], hist_len + 1)
+            x_cur = jnp.where(s["has_corr"], corrected, x_eval if keep_eval else prev)
+        base = s["mult"] * x_cur
         if stochastic:
-            xi = normal(key, s["step"], x.shape, dtype)
-            x_next = x_next + s["noise"] * xi
-        return (x_next, x_cur, hist, xi), (x_cur if return_trajectory else None)
+            base = base + s["noise"] * normal(key, s["step"], x.shape, dtype)
+        x_next = base + weighted(s["wp"], hist, s["step"], hist_len)
+        prev = (base if stochastic else x_cur) if use_corrector else None
+        return (x_next, prev, hist), (x_cur if return_trajectory else None)
 
-    init = (x, x, jnp.zeros((hist_len, *x.shape), dtype), jnp.zeros_like(x))
-    (x_final, _, _, _), traj = jax.lax.scan(step, init, xs)
+    init = (x, x if use_corrector else None, jnp.zeros((slots, *x.shape), dtype))
+    (x_final, _, _), traj = jax.lax.scan(step, init, xs)
     if return_trajectory:
         return jnp.concatenate([traj, x_final[None]])
     return x_final

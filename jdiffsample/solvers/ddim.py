@@ -11,12 +11,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jdiffsample.solvers import core
+from jdiffsample.solvers.registry import Option, register
 
 
+@register("ddim", label="DDIM", order=1, needs_key=lambda o: o["eta"] > 0, ode_options=dict(eta=0.0),
+          options=[Option("eta", float, "noise: 0 the ODE, 1 DDPM's ancestral sampler", low=0.0, high=1.0)])
 def ddim(denoise, x, ts, schedule, *, eta: float = 0.0, key=None, return_trajectory: bool = False):
     """Sample with DDIM. ``eta`` in [0, 1]; ``eta > 0`` needs ``key``."""
-    if not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1], got {eta}")
     core.validate(x, ts, schedule, key=key, needs_key=eta > 0)
     n_steps = len(ts) - 1
     plan = core.Plan(pred_order=(1,) * n_steps, corr_order=(0,) * n_steps)

@@ -13,16 +13,24 @@ Orders warm up as 1, 2, ... and, with ``lower_order_final`` and fewer than 15 st
 from __future__ import annotations
 
 from jdiffsample.solvers import core
+from jdiffsample.solvers.registry import Option, register
 
 
+@register(
+    "dpmpp", label=lambda o: f"DPM-Solver++({o['order']}M)" if o["order"] > 1 else "DPM-Solver++(1)",
+    order=lambda o: o["order"], needs_key=lambda o: o["eta"] > 0,
+    ode_options=dict(eta=0.0),
+    options=[
+        Option("order", int, "2 (2M) or 3 (3M); 1 is DDIM", choices=(1, 2, 3)),
+        Option("exact", bool, "exact exponential Adams weights instead of the usual 2M/3M"),
+        Option("lower_order_final", bool, "lower orders on the last steps when N < 15"),
+        Option("eta", float, "SDE noise (k-diffusion's dpmpp_2m_sde convention)", low=0.0),
+    ])
 def dpmpp(
     denoise, x, ts, schedule, *, order: int = 2, exact: bool = False, lower_order_final: bool = True,
     eta: float = 0.0, key=None, return_trajectory: bool = False,
 ):
     """Sample with DPM-Solver++(2M) (``order=2``) or (3M) (``order=3``); ``order=1`` is DDIM."""
-    order = core.check_order("order", order, 1, 3)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
     core.validate(x, ts, schedule, key=key, needs_key=eta > 0)
     n_steps = len(ts) - 1
     preds = core.lower_order_schedule(order, n_steps, lower_order_final and n_steps < 15)

@@ -19,13 +19,19 @@ import jax
 import jax.numpy as jnp
 
 from jdiffsample.solvers import core
+from jdiffsample.solvers.registry import Option, register
+
+_CHURN_OPTIONS = [
+    Option("s_churn", float, "EDM's S_churn: extra noise per step (0: the ODE)", low=0.0, flag="churn"),
+    Option("s_tmin", float, "churn only for sigma >= S_tmin", low=0.0),
+    Option("s_tmax", float, "churn only for sigma <= S_tmax", low=0.0),
+    Option("s_noise", float, "EDM's S_noise: scale of the churn noise", low=0.0),
+]
 
 
 def _edm_loop(
     denoise, x, ts, schedule, *, second_order, s_churn, s_tmin, s_tmax, s_noise, key, return_trajectory
 ):
-    if s_churn < 0 or s_noise < 0:
-        raise ValueError(f"s_churn and s_noise must be >= 0, got {s_churn}, {s_noise}")
     core.validate(x, ts, schedule, key=key, needs_key=s_churn > 0)
     dtype = x.dtype
     ts = jnp.asarray(ts, dtype)
@@ -61,7 +67,7 @@ def _edm_loop(
     x_hat = x / scale[0]
     x_hat, traj = jax.lax.scan(body, x_hat, jnp.arange(n_steps - 1))
     last = n_steps - 1
-    if second_order and schedule.is_ve:
+    if second_order and schedule.zero_end:
         # Into sigma = 0 the Heun correction is undefined: EDM takes an Euler step (one model call).
         x_end = jax.lax.cond(
             levels[-1] > 0, lambda y: step(y, last, True), lambda y: step(y, last, False), x_hat
@@ -85,7 +91,12 @@ def _edm_solver(second_order: bool, name: str, doc: str):
 
     solver.__name__ = solver.__qualname__ = name
     solver.__doc__ = doc
-    return solver
+    # Heun: two model calls per step, one on a last step into sigma = 0 (an Euler step there).
+    return register(
+        name, solver, options=_CHURN_OPTIONS, label="Heun (EDM)" if second_order else "Euler (EDM)",
+        order=2 if second_order else 1, needs_key=lambda o: o["s_churn"] > 0, ode_options=dict(s_churn=0.0),
+        calls_per_step=2 if second_order else 1, final_zero_calls=1 if second_order else None,
+    )
 
 
 euler = _edm_solver(False, "euler", "Euler steps on the EDM ODE (with optional churn). Deterministically identical to DDIM.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jdiffsample.solvers import core
+from jdiffsample.solvers.registry import Option, register
 
 
 def default_tau(schedule):
@@ -28,17 +29,29 @@ def default_tau(schedule):
     return lambda t: jnp.where((t >= lo) & (t <= hi), 1.0, 0.0)
 
 
+def _deterministic(options) -> bool:
+    tau = options["tau"]
+    return tau is not None and not callable(tau) and float(tau) == 0.0
+
+
+@register(
+    "sa_solver", label=lambda o: f"SA-Solver({o['predictor_order']},{o['corrector_order']})",
+    order=lambda o: o["predictor_order"], needs_key=lambda o: not _deterministic(o), ode_options=dict(tau=0.0),
+    options=[
+        Option("predictor_order", int, "SA-Predictor order", choices=(1, 2, 3, 4), flag="order"),
+        Option("corrector_order", int, "SA-Corrector order", choices=(1, 2, 3, 4)),
+        Option("tau", float, "stochasticity, constant (default: the paper's tau(t))", low=0.0, function_ok=True),
+        Option("few_steps", bool, "the official few-step coefficients and tau = 0 on the last step"),
+        Option("lower_order_final", bool, "lower orders on the last steps"),
+    ])
 def sa_solver(
     denoise, x, ts, schedule, *, predictor_order: int = 3, corrector_order: int = 4, tau=None,
     few_steps: bool = True, lower_order_final: bool = True, key=None, return_trajectory: bool = False,
 ):
     """Sample with SA-Solver. Needs ``key`` unless ``tau`` is the constant 0."""
-    p_max = core.check_order("predictor_order", predictor_order, 1, 4)
-    c_max = core.check_order("corrector_order", corrector_order, 1, 4)
+    p_max, c_max = predictor_order, corrector_order
+    deterministic = _deterministic(dict(tau=tau))
     tau = default_tau(schedule) if tau is None else tau
-    if not callable(tau) and float(tau) < 0:
-        raise ValueError(f"tau must be >= 0, got {tau}")
-    deterministic = not callable(tau) and float(tau) == 0.0
     core.validate(x, ts, schedule, key=key, needs_key=not deterministic)
     n_steps = len(ts) - 1
     preds = core.lower_order_schedule(p_max, n_steps, lower_order_final)

@@ -13,18 +13,25 @@ last step has no corrector (it would need one more model call).
 from __future__ import annotations
 
 from jdiffsample.solvers import core
+from jdiffsample.solvers.registry import Option, register
 
 VARIANTS = ("bh1", "bh2")
 
 
+@register(
+    "unipc", label=lambda o: f"UniPC-{o['order']}", order=lambda o: o["order"],
+    options=[
+        Option("order", int, "predictor order (the corrector adds one)", choices=(1, 2, 3)),
+        Option("variant", str, "B(h) of the order-2 shortcut: bh1 (B = h) or bh2 (B = e^h - 1)", choices=VARIANTS),
+        Option("lower_order_final", bool, "lower orders on the last steps"),
+        Option("corrector", bool, "apply the corrector (UniC)"),
+        Option("disable_corrector", tuple, "step indices whose corrector is skipped"),
+    ])
 def unipc(
     denoise, x, ts, schedule, *, order: int = 3, variant: str = "bh1", lower_order_final: bool = True,
     corrector: bool = True, disable_corrector=(), key=None, return_trajectory: bool = False,
 ):
     """Sample with UniPC-``order`` (1-3). ``disable_corrector``: step indices whose corrector is skipped."""
-    order = core.check_order("order", order, 1, 3)
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     core.validate(x, ts, schedule, key=key)
     n_steps = len(ts) - 1
     preds = core.lower_order_schedule(order, n_steps, lower_order_final)

@@ -1,23 +1,24 @@
 """The evaluation suite behind ``jdiffsample eval``: what each solver, grid and Skip-Tuning value buys.
 
-For a class-conditional EDM network on 8x8 digits (the bundled ``digits`` model by default) and
-every combination of solver, NFE and time grid, plus Skip-Tuning values on chosen solvers, it
-samples the same starting noises and labels and reports
+For a class-conditional network on 8x8 digits (the bundled ``digits`` model by default) and every
+combination of solver, NFE and time grid, plus Skip-Tuning values on chosen solvers, it samples
+through the same program as ``jdiffsample sample`` (:class:`jdiffsample.pipeline.Sampler`: the
+same starting noises, labels cycling 0-9 by index, the same uint8 images) and reports
 
 * ``fd``: digits FD (:func:`jdiffsample.metrics.digits_fd`) against the real digits,
 * ``accuracy``: the digits classifier's accuracy on the requested labels,
-* ``error``: RMS pixel distance to a reference solution from the same noise (EDM's Heun on a
-  fine Karras grid with the untuned network): the solver's discretization error. For the
-  stochastic SA-Solver and for Skip-Tuned networks it measures a deliberate departure from the
-  ODE solution, not an error.
+* ``error``: RMS pixel distance (images in [-1, 1], 8-bit) to a reference solution from the same
+  noise (EDM's Heun on a fine Karras grid with the untuned network): the solver's discretization
+  error, resolved down to the 8-bit quantization. For stochastic solvers and Skip-Tuned networks it
+  measures a deliberate departure from the ODE solution, not an error.
 * ``seconds``: sampling wall time (compilation excluded).
 * ``fid`` (only with ``inception=``): FID with pytorch-fid's InceptionV3 (:mod:`jdiffsample.fid`)
   against reference statistics (default: the 1797 real digits).
 
-Grids: any name in :data:`jdiffsample.timesteps.GRIDS` (``logsnr``, ``karras``, ...),
-``optimized`` (:func:`jdiffsample.optimize.optimize_timesteps`, the model-free error bound, at the
-solver's order, initialised from logSNR) and ``learned`` (:func:`jdiffsample.optimize.learn_timesteps`
-through the solver with this network, against Heun on a fine Karras grid, on its own noises).
+Solvers are registry names with options (``dpmpp:order=3``). Grids: every method of
+:mod:`jdiffsample.grids` (``logsnr``, ``karras``, ``optimized``, ``ays``, ``gits``, ``learned``,
+``ld3``, ...); those found on the model's trajectories use their own noises, and each cell reports
+what its grid cost to compute (``grid_seconds``, once per solver and NFE).
 """
 
 from __future__ import annotations
@@ -31,31 +32,12 @@ from typing import Callable
 
 import numpy as np
 
-from jdiffsample.pipeline import resolve_model
-
-__all__ = ["SOLVER_SPECS", "Cell", "resolve_model", "steps_for", "Suite", "write_markdown",
-           "write_csv", "read_csv", "plot", "save_grids"]
+__all__ = ["Cell", "Suite", "write_markdown", "write_csv", "read_csv", "plot", "save_grids", "dequantize"]
 
 
-@dataclasses.dataclass(frozen=True)
-class SolverSpec:
-    """A solver as evaluated: its function name, options, display label and bound order."""
-
-    solver: str
-    options: tuple
-    label: str
-    order: int  # for the optimized grid's error bound
-    stochastic: bool = False
-
-
-SOLVER_SPECS = {
-    "unipc": SolverSpec("unipc", (("order", 3),), "UniPC-3", 3),
-    "dpmpp": SolverSpec("dpmpp", (("order", 3),), "DPM-Solver++(3M)", 3),
-    "sa_solver": SolverSpec("sa_solver", (), "SA-Solver", 3, stochastic=True),
-    "heun": SolverSpec("heun", (), "Heun (EDM)", 2),
-    "ddim": SolverSpec("ddim", (), "DDIM", 1),
-    "euler": SolverSpec("euler", (), "Euler (EDM)", 1),
-}
+def dequantize(images: np.ndarray) -> np.ndarray:
+    """uint8 images -> float32 in [-1, 1] (the centre of each 8-bit level)."""
+    return (np.asarray(images, np.float32) - 127.5) / 127.5
 
 
 @dataclasses.dataclass
@@ -71,74 +53,58 @@ class Cell:
     error: float
     seconds: float
     fid: float = float("nan")
+    grid_seconds: float = 0.0  # computing the grid (its model calls for GITS and learned grids), once
 
 
-def steps_for(solver: str, nfe: int) -> tuple[int, bool]:
-    """``(steps, final_zero)`` of a grid that costs ``nfe`` model calls.
-
-    Heun takes 2 calls a step; an odd NFE adds EDM's final Euler step into sigma = 0 (after
-    ``steps - 1`` steps down to the grid's last time). Every other solver: one call a step.
-    """
-    if nfe < 1:
-        raise ValueError(f"NFE must be positive, got {nfe}")
-    if solver != "heun":
-        return nfe, False
-    if nfe < 2:
-        raise ValueError("Heun needs NFE >= 2")
-    return (nfe + 1) // 2, nfe % 2 == 1
+def _cell_name(solver: str, options: dict, nfe: int, grid: str, rho: float) -> str:
+    opts = "".join(f"_{k}{v}" for k, v in sorted(options.items()))
+    return f"{solver}{opts}_nfe{nfe}_{grid}" + ("" if rho == 1.0 else f"_rho{rho:g}")
 
 
 class Suite:
     """Samples, grids and metrics for one network; see the module docstring.
 
     Args:
-      model: bundled model name or checkpoint directory (an 8x8 class-conditional EDM network).
-      samples: images per cell; labels cycle 0..9.
-      batch: images per sampling call.
-      seed: the starting noises (and SA-Solver's noise); learned grids use other noises.
+      model: bundled model name or checkpoint folder (an 8x8 class-conditional network, 10 classes).
+      samples: images per cell; sample i has label i mod 10.
+      batch, micro_batch: as for ``jdiffsample sample`` (the images depend on micro_batch only).
+      seed: the base seed of every cell (learned grids train on other noises).
       ref_steps: Heun steps of the reference (NFE ``2 * ref_steps - 1``, Karras grid to 0).
       learn_batch, learn_iters: noises and iterations for learned grids.
-      inception: pytorch-fid's InceptionV3 weights file: adds FID to every cell (slow on a CPU:
-        each image is resized to 299x299).
+      inception: pytorch-fid's InceptionV3 weights file: adds FID to every cell (slow on a CPU).
       fid_reference: FID reference statistics (``.npz`` with ``mu``, ``sigma``); default: the
         Inception statistics of the 1797 real digits.
+      save_samples: a folder; every cell's images are also written there as a ``jdiffsample
+        sample`` output folder (manifest and shards) named after the cell.
       log: called with progress lines.
     """
 
-    def __init__(self, model: str = "digits", samples: int = 1000, batch: int = 500,
-                 seed: int = 0, ref_steps: int = 100, learn_batch: int = 64,
-                 learn_iters: int = 30, inception=None, fid_reference=None,
+    def __init__(self, model: str = "digits", samples: int = 1000, batch: int = 512, seed: int = 0,
+                 ref_steps: int = 100, learn_batch: int = 64, learn_iters: int = 30, inception=None,
+                 fid_reference=None, micro_batch: int = 64, save_samples=None,
                  log: Callable[[str], None] = print):
-        import jax
-
         from jdiffsample import nets
 
         if samples < 2 or batch < 1:
             raise ValueError("samples must be >= 2 and batch >= 1")
-        self.path = resolve_model(model)
-        self.config = nets.load_config(self.path)
-        self.module, self.variables = nets.load(self.path)
-        m = self.module
-        if getattr(m, "label_dim", 0) != 10 or m.img_resolution != 8 or m.img_channels != 1:
-            raise ValueError(f"{self.path}: the digits metrics need an 8x8 single-channel "
-                             f"network with 10 classes")
-        _, self.schedule = nets.to_denoiser(m, self.variables, self.config,
-                                            class_labels=np.zeros(1, np.int32))
-        self.samples, self.batch, self.seed = samples, min(batch, samples), seed
+        self.path = nets.resolve(model)
+        self.model = nets.load_model(self.path)
+        if self.model.num_classes != 10 or tuple(self.model.sample_shape) != (8, 8, 1):
+            raise ValueError(f"{self.path}: the digits metrics need an 8x8 single-channel network with 10 classes")
+        self.schedule = self.model.schedule
+        self.samples, self.batch, self.micro_batch, self.seed = samples, batch, micro_batch, seed
         self.ref_steps, self.learn_batch, self.learn_iters = ref_steps, learn_batch, learn_iters
+        self.save_samples = None if save_samples is None else Path(save_samples)
         self.log = log
         self.labels = np.arange(samples) % 10
-        shape = (samples, 8, 8, 1)
-        key = jax.random.key(seed)
-        self.noise = np.asarray(jax.random.normal(key, shape) * self.schedule.t_max, np.float32)
-        self.keys = jax.random.split(jax.random.fold_in(key, 1), samples)
-        self._compiled: dict = {}
         self._grids: dict = {}
         self.grid_log: dict = {}
         self.inception, self.fid_reference = None, None
         if inception is not None:
             self._setup_fid(inception, fid_reference)
-        self.reference = self._reference()
+        images, seconds = self.sample("heun", {}, 2 * ref_steps - 1, self.grid("karras", "heun", {}, 2 * ref_steps - 1)[0])
+        self.log(f"reference: Heun, {ref_steps} steps (NFE {2 * ref_steps - 1}), {seconds:.1f} s")
+        self.reference = dequantize(images)
 
     def _setup_fid(self, weights, reference) -> None:
         from jdiffsample import fid
@@ -152,8 +118,7 @@ class Suite:
         start = time.perf_counter()
         real, _ = metrics.real_digits()
         self.fid_reference = fid.compute_stats(real, self.inception)
-        self.log(f"Inception statistics of {len(real)} real digits in "
-                 f"{time.perf_counter() - start:.1f} s")
+        self.log(f"Inception statistics of {len(real)} real digits in {time.perf_counter() - start:.1f} s")
 
     def fid(self, images) -> float:
         """FID of ``images`` (in [-1, 1]) against the reference statistics; NaN without Inception."""
@@ -165,137 +130,89 @@ class Suite:
 
     # -- sampling ---------------------------------------------------------------------------
 
-    def _sampler(self, spec: SolverSpec, n_steps: int):
-        """A compiled ``(variables, labels, x, ts, keys) -> x0`` for one solver and grid size."""
-        import jax
-        import jax.numpy as jnp
+    def sampler(self, solver: str, options: dict, nfe: int, grid, rho_bottom: float = 1.0):
+        """The :class:`jdiffsample.pipeline.Sampler` of one cell (programs are shared between cells)."""
+        from jdiffsample import pipeline
 
-        from jdiffsample.solvers import SOLVERS
+        sampler = pipeline.Sampler(
+            self.model, solver=solver, options=options, nfe=nfe, grid=grid,
+            skip_tuning=None if rho_bottom == 1.0 else rho_bottom, class_labels=list(range(10)), seed=self.seed,
+            batch=self.batch, micro_batch=self.micro_batch)
+        sampler.model_path = self.path
+        return sampler
 
-        cache_key = (spec, n_steps)
-        if cache_key not in self._compiled:
-            module, schedule, fn = self.module, self.schedule, SOLVERS[spec.solver]
-            options = dict(spec.options)
+    def sample(self, solver: str, options: dict, nfe: int, grid, rho_bottom: float = 1.0,
+               name: str | None = None) -> tuple[np.ndarray, float]:
+        """All ``samples`` uint8 images of one cell and the wall time of sampling them."""
+        from jdiffsample import pipeline
 
-            def run(variables, labels, x, ts, keys):
-                def denoise(x, t):
-                    sigma = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-                    return module.apply(variables, x, sigma, labels)
+        sampler = self.sampler(solver, options, nfe, grid, rho_bottom)
+        seconds = sampler.compile()
+        if seconds > 0.05:
+            self.log(f"compiled {solver} {options or ''} with {sampler.settings.n_steps} steps in {seconds:.1f} s")
+        start = time.perf_counter()
+        if self.save_samples is None:
+            images, _ = sampler(np.arange(self.samples))
+        else:
+            images = np.empty((self.samples, *sampler.image_shape), np.uint8)
 
-                return fn(denoise, x, ts, schedule, key=keys if spec.stochastic else None,
-                          **options)
+            def keep(indices, batch_images, labels):
+                images[indices] = batch_images
 
-            b = self.batch
-            args = (self.variables, jnp.zeros((b, 10)), jnp.zeros((b, 8, 8, 1)),
-                    jnp.zeros(n_steps + 1), self.keys[:b])
-            start = time.perf_counter()
-            self._compiled[cache_key] = jax.jit(run).lower(*args).compile()
-            self.log(f"compiled {spec.label} with {n_steps} steps in "
-                     f"{time.perf_counter() - start:.1f} s")
-        return self._compiled[cache_key]
-
-    def sample(self, spec: SolverSpec, ts, variables=None) -> tuple[np.ndarray, float]:
-        """All ``samples`` images for one solver and grid, and the wall time of sampling."""
-        import jax
-        import jax.numpy as jnp
-
-        run = self._sampler(spec, len(ts) - 1)
-        variables = self.variables if variables is None else variables
-        onehot = np.eye(10, dtype=np.float32)[self.labels]
-        ts = jnp.asarray(ts, jnp.float32)
-        out, b, total = [], self.batch, 0.0
-        for i in range(0, self.samples, b):
-            idx = np.arange(i, i + b) % self.samples  # the last batch wraps around
-            start = time.perf_counter()
-            x = jax.block_until_ready(run(variables, onehot[idx], jnp.asarray(self.noise[idx]),
-                                          ts, self.keys[idx]))
-            total += time.perf_counter() - start
-            out.append(np.asarray(x)[: min(b, self.samples - i)])
-        return np.concatenate(out), total
-
-    def _reference(self) -> np.ndarray:
-        from jdiffsample import timesteps
-
-        ts = timesteps.karras(self.schedule, self.ref_steps, final_zero=True)
-        images, seconds = self.sample(SOLVER_SPECS["heun"], ts)
-        self.log(f"reference: Heun, {self.ref_steps} steps (NFE {2 * self.ref_steps - 1}), "
-                 f"{seconds:.1f} s")
-        return images
+            name = name or _cell_name(solver, options, nfe, sampler.settings.grid, rho_bottom)
+            pipeline.write_run(sampler, self.save_samples / name, num=self.samples, log=None, on_batch=keep)
+        return images, time.perf_counter() - start
 
     # -- grids ------------------------------------------------------------------------------
 
-    def grid(self, name: str, spec: SolverSpec, nfe: int) -> np.ndarray:
-        """The time grid ``name`` for ``spec`` at ``nfe`` (cached; learned grids are slow)."""
-        from jdiffsample import timesteps
-
-        steps, final_zero = steps_for(spec.solver, nfe)
-        base = steps - 1 if final_zero else steps
-        key = (name, spec.solver, base)
-        if key not in self._grids:
-            if name in timesteps.GRIDS:
-                ts = timesteps.get(name, self.schedule, base)
-            elif name == "optimized":
-                from jdiffsample import optimize
-
-                ts = optimize.optimize_timesteps(self.schedule, base, order=spec.order).ts
-            elif name == "learned":
-                ts = self._learn(spec, base)
-            else:
-                raise ValueError(f"unknown grid {name!r}; choose from optimized, learned, "
-                                 f"{', '.join(timesteps.GRIDS)}")
-            self._grids[key] = np.asarray(ts, np.float64)
-            self.grid_log[f"{name}/{spec.solver}/{base}"] = self._grids[key].tolist()
-        ts = self._grids[key]
-        return np.append(ts, 0.0) if final_zero else ts
-
-    def _learn(self, spec: SolverSpec, steps: int) -> np.ndarray:
-        """A grid learned through ``spec``'s solver (SA-Solver: its ODE variant, tau = 0)."""
+    def grid(self, name: str, solver: str, options: dict, nfe: int) -> tuple[np.ndarray, float]:
+        """``(times, seconds)``: grid ``name`` (:mod:`jdiffsample.grids`) for ``solver`` at ``nfe``
+        and what computing it cost (cached: the second cell with it costs nothing)."""
         import jax
         import jax.numpy as jnp
 
-        from jdiffsample import optimize, timesteps
+        from jdiffsample import grids
+        from jdiffsample.solvers import registry
 
-        n = self.learn_batch
-        key = jax.random.key(self.seed + 1000)
-        noise = jax.random.normal(key, (n, 8, 8, 1)) * self.schedule.t_max
-        labels = jax.nn.one_hot(jnp.arange(n) % 10, 10)
-        variables, module = self.variables, self.module
-
-        def denoise(x, t):
-            sigma = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-            return module.apply(variables, x, sigma, labels)
-
-        options = dict(spec.options)
-        if spec.stochastic:
-            options["tau"] = 0.0
-        start = time.perf_counter()
-        result = optimize.learn_timesteps(
-            denoise, self.schedule, spec.solver, noise, timesteps.logsnr(self.schedule, steps),
-            teacher="heun", teacher_steps=self.ref_steps, maxiter=self.learn_iters, **options)
-        self.log(f"learned a {steps}-step grid for {spec.label} in "
-                 f"{time.perf_counter() - start:.1f} s: mse {result.init_train_error:.3g} -> "
-                 f"{result.train_error:.3g}")
-        return result.ts
+        info = registry.get(solver)
+        steps, final_zero = info.steps_for_nfe(nfe, zero_end=self.schedule.zero_end)
+        base = steps - 1 if final_zero else steps
+        key = (name, solver, tuple(sorted(options.items())), base)
+        if key not in self._grids:
+            denoise = noise = None
+            if name in grids.NEEDS_MODEL:  # the learning noises differ from the sampled ones
+                n = self.learn_batch
+                noise = jax.random.normal(jax.random.key(self.seed + 1000), (n, 8, 8, 1)) * self.schedule.t_max
+                denoise = self.model.denoiser(labels=jnp.arange(n) % 10)
+            start = time.perf_counter()
+            ts = grids.make(name, self.schedule, base, solver=solver, options=options, denoise=denoise, noise=noise,
+                            learn_iters=self.learn_iters, teacher_steps=self.ref_steps, log=self.log)
+            self._grids[key] = (ts, time.perf_counter() - start)
+            if name not in ("logsnr", "karras", "uniform", "quadratic"):
+                self.grid_log[f"{name}/{info.label(options)}/{base}"] = ts.tolist()
+            cost = self._grids[key][1]
+        else:
+            cost = 0.0
+        ts = self._grids[key][0]
+        return (np.append(ts, 0.0) if final_zero else ts), cost
 
     # -- cells ------------------------------------------------------------------------------
 
-    def cell(self, solver: str, nfe: int, grid: str, rho_bottom: float = 1.0) -> Cell:
-        """Sample and score one configuration."""
-        from jdiffsample import metrics, skip_tuning
+    def cell(self, spec: str, nfe: int, grid: str, rho_bottom: float = 1.0) -> Cell:
+        """Sample and score one configuration; ``spec`` is a solver name with options
+        (``'dpmpp:order=3'``)."""
+        from jdiffsample import metrics
+        from jdiffsample.solvers import registry
 
-        if solver not in SOLVER_SPECS:
-            raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVER_SPECS)}")
-        spec = SOLVER_SPECS[solver]
-        ts = self.grid(grid, spec, nfe)
-        variables = None if rho_bottom == 1.0 else skip_tuning.apply(self.variables,
-                                                                     rho_bottom=rho_bottom)
-        images, seconds = self.sample(spec, ts, variables)
+        solver, options = registry.parse_spec(spec)
+        label = registry.get(solver).label(options)
+        ts, grid_seconds = self.grid(grid, solver, options, nfe)
+        images, seconds = self.sample(solver, options, nfe, ts, rho_bottom,
+                                      name=_cell_name(solver, options, nfe, grid, rho_bottom))
+        images = dequantize(images)
         error = float(np.sqrt(np.mean((images - self.reference) ** 2)))
-        if not np.all(np.isfinite(images)):
-            return Cell(spec.label, nfe, grid, rho_bottom, float("nan"), float("nan"), error,
-                        seconds)
-        return Cell(spec.label, nfe, grid, rho_bottom, metrics.digits_fd(images),
-                    metrics.digits_accuracy(images, self.labels), error, seconds, self.fid(images))
+        return Cell(label, nfe, grid, rho_bottom, metrics.digits_fd(images),
+                    metrics.digits_accuracy(images, self.labels), error, seconds, self.fid(images), grid_seconds)
 
     def baselines(self) -> dict:
         """Digits FD of the reference samples, and of real digits against themselves at this
@@ -332,7 +249,7 @@ def read_csv(path) -> list[Cell]:
     with open(path, newline="") as f:
         return [Cell(r["solver"], int(r["nfe"]), r["grid"], float(r["rho_bottom"]),
                      float(r["fd"]), float(r["accuracy"]), float(r["error"]), float(r["seconds"]),
-                     float(r.get("fid") or "nan"))
+                     float(r.get("fid") or "nan"), float(r.get("grid_seconds") or 0.0))
                 for r in csv.DictReader(f)]
 
 
@@ -362,6 +279,8 @@ def write_markdown(cells: list[Cell], path, title: str = "", notes: list[str] = 
         ("RMS error against the reference solution (same noise)", lambda c: f"{c.error:.4f}"),
         ("Sampling wall time, seconds (all samples, compilation excluded)",
          lambda c: f"{c.seconds:.2f}"),
+        ("Grid method's own cost, seconds (warm-up trajectories, learning; once per solver and NFE)",
+         lambda c: f"{c.grid_seconds:.2f}"),
     ]
     if any(np.isfinite(c.fid) for c in cells):
         sections.insert(1, ("FID, pytorch-fid's InceptionV3 (lower is better)", lambda c: f"{c.fid:.2f}"))
@@ -370,7 +289,7 @@ def write_markdown(cells: list[Cell], path, title: str = "", notes: list[str] = 
         lines += _pivot(untuned, value, lambda c: (c.solver, c.grid), ["solver", "grid"])
         lines.append("")
     if tuned:
-        for name, value in [x for x in sections if not x[0].startswith("Sampling wall")]:
+        for name, value in [x for x in sections if not x[0].startswith(("Sampling wall", "Grid method"))]:
             lines += [f"## Skip-Tuning: {name}", ""]
             lines += _pivot(sorted(tuned, key=lambda c: (c.solver, c.grid, -c.rho_bottom)), value,
                             lambda c: (c.solver, c.grid, c.rho_bottom),

@@ -57,6 +57,14 @@ class NewObj:
         self.cls, self.state, self.args = cls, state, tuple(args)
 
 
+class DictObject:
+    """Pickles as ``cls.__new__(cls)`` (NEWOBJ) then SETITEMS of ``items``: a dict subclass such as
+    ``dnnlib.util.EasyDict``, as protocol 2+ writes it."""
+
+    def __init__(self, cls: Global, items: dict):
+        self.cls, self.items = cls, dict(items)
+
+
 class Storage:
     """A storage; pickled as a persistent id ``('storage', <Type>, key, location, numel)``."""
 
@@ -102,8 +110,20 @@ class Writer(pickle._Pickler):
         self.save(obj.state)
         self.write(pickle.BUILD)
 
+    def _save_dict_object(self, obj):
+        self.save(obj.cls)
+        self.save(())
+        self.write(pickle.NEWOBJ)
+        self.memoize(obj)
+        self.write(pickle.MARK)
+        for key, value in obj.items.items():
+            self.save(key)
+            self.save(value)
+        self.write(pickle.SETITEMS)
+
     dispatch[Global] = _save_global_marker
     dispatch[NewObj] = _save_newobj
+    dispatch[DictObject] = _save_dict_object
 
 
 def dumps(obj, protocol=2) -> bytes:
@@ -288,3 +308,22 @@ def edm_snapshot(net, **extra) -> bytes:
                                     path="datasets/x.zip", use_labels=True, xflip=False))
     data.update(extra)
     return dumps(data, protocol=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# NVlabs/edm2 snapshots
+
+
+def easydict(**items) -> DictObject:
+    return DictObject(Global("dnnlib.util", "EasyDict"), items)
+
+
+def edm2_snapshot(net, encoder, **extra) -> bytes:
+    """The bytes of an EDM2 ``network-snapshot-*.pkl`` / released pickle:
+    ``pickle.dump(dnnlib.EasyDict(encoder=..., dataset_kwargs=..., loss_fn=..., ema=net))``."""
+    loss = persistent("EDM2Loss", dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5,
+                                       _init_args=(), _init_kwargs=dict(P_mean=-0.4, P_std=1.0)))
+    dataset = easydict(class_name="training.dataset.ImageFolderDataset", path="datasets/x.zip",
+                       use_labels=True)
+    return dumps(easydict(encoder=encoder, dataset_kwargs=dataset, loss_fn=loss, ema=net,
+                          **extra), protocol=4)

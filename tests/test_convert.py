@@ -1,7 +1,7 @@
-"""Converters end to end: the CLI scripts on the golden fixtures, nets.save/load/to_denoiser, and
-the guarantees on failure (one error line, non-zero exit, nothing written to DST)."""
+"""Converters end to end: ``jdiffsample convert`` (and the convert/*.py wrappers) on the golden
+fixtures, nets.save/load/load_model and the denoisers, and the guarantees on failure (one error
+line, exit 2, nothing written to DST)."""
 
-import importlib.util
 import json
 import os
 import re
@@ -19,15 +19,14 @@ import numpy as np
 import pytest
 
 import _torch_pickles as tp
-from jdiffsample import nets, schedules
+from conftest import ROOT, fixture_dir
+from jdiffsample import cli, nets, schedules
 from jdiffsample.nets import torchfile
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
 EDM_FIXTURES = ["edm_ddpmpp_vp_tiny", "edm_ncsnpp_ve_tiny", "edm_adm_edm_tiny"]
 ADM_FIXTURES = ["adm_guided_tiny"]
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f"golden fixtures not found at {FIXTURES} (../shared/fixtures)")
+#: One compiled program per network (t is traced): ``DENOISE(denoiser, x, t)``.
+DENOISE = jax.jit(lambda denoiser, x, t: denoiser(x, t))
 
 
 def _no_torch_dir() -> str:
@@ -40,12 +39,15 @@ def _no_torch_dir() -> str:
     return str(folder)
 
 
-def run_cli(script, *args):
-    """Run convert/<script>.py in a subprocess with torch blocked; returns the CompletedProcess."""
+def run_cli(family, *args, wrapper=False):
+    """``jdiffsample convert FAMILY ...`` (or the convert/FAMILY.py wrapper) in a subprocess with
+    torch blocked; returns the CompletedProcess."""
     path = os.pathsep.join(p for p in (_no_torch_dir(), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
-    return subprocess.run([sys.executable, str(ROOT / "convert" / f"{script}.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    command = ([str(ROOT / "convert" / f"{family}.py")] if wrapper
+               else ["-m", "jdiffsample.cli", "convert", family])
+    return subprocess.run([sys.executable, *command, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 def _leftovers(dst: Path):
@@ -54,14 +56,16 @@ def _leftovers(dst: Path):
 
 
 def _fixture(name):
-    folder = FIXTURES / name
+    folder = fixture_dir(name)
     return folder, json.loads((folder / "config.json").read_text()), dict(np.load(folder / "io.npz"))
 
 
+_APPLY = {}
+
+
 def _forward(module, variables, io):
-    """The network on the fixture inputs, NCHW like the reference output. Uses the jitted apply
-    that to_denoiser shares, with the same argument types, so each network compiles once."""
-    apply = nets._jitted_apply(module)
+    """The network on the fixture inputs, NCHW like the reference output (jitted once per network)."""
+    apply = _APPLY.setdefault(id(module), jax.jit(module.apply))
     x = jnp.asarray(io["x"].transpose(0, 2, 3, 1))
     if "sigma" in io:
         labels = io.get("class_labels")
@@ -81,17 +85,16 @@ def _close(out, ref, rel=1e-5):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """Every fixture converted once through the CLI: {name: (dst, stdout)}."""
-    if not FIXTURES.is_dir():
-        pytest.skip(f"golden fixtures not found at {FIXTURES}")
     out = {}
     base = tmp_path_factory.mktemp("converted")
-    for name in EDM_FIXTURES + ADM_FIXTURES:
-        folder = FIXTURES / name
+    for i, name in enumerate(EDM_FIXTURES + ADM_FIXTURES):
+        folder = fixture_dir(name)
         dst = base / name
+        wrapper = i % 2 == 1  # the convert/*.py wrappers run the same command
         if name in EDM_FIXTURES:
-            r = run_cli("edm", folder / "state_dict.pt", dst, "--kwargs", folder / "config.json")
+            r = run_cli("edm", folder / "state_dict.pt", dst, "--kwargs", folder / "config.json", wrapper=wrapper)
         else:
-            r = run_cli("adm", folder / "state_dict.pt", dst, "--config", folder / "config.json")
+            r = run_cli("adm", folder / "state_dict.pt", dst, "--config", folder / "config.json", wrapper=wrapper)
         assert r.returncode == 0, r.stderr
         assert re.search(r"in \d+\.\d+ s$", r.stdout.strip()), r.stdout
         out[name] = (dst, r.stdout.strip())
@@ -104,7 +107,12 @@ def loaded(converted):
     return {name: (*nets.load(dst), nets.load_config(dst)) for name, (dst, _) in converted.items()}
 
 
-@needs_fixtures
+@pytest.fixture(scope="module")
+def models(converted):
+    """nets.load_model of every converted fixture: {name: Model}."""
+    return {name: nets.load_model(dst) for name, (dst, _) in converted.items()}
+
+
 @pytest.mark.parametrize("name", EDM_FIXTURES + ADM_FIXTURES)
 def test_cli_conversion_reproduces_fixture(converted, loaded, name):
     _, stdout = converted[name]
@@ -118,31 +126,32 @@ def test_cli_conversion_reproduces_fixture(converted, loaded, name):
     print(f"{name}: {stdout}")
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", EDM_FIXTURES)
-def test_edm_denoiser(loaded, name):
-    """denoise(x, t) = net(x, sigma=t, labels): row i at t = sigma_i is the fixture's output i."""
+def test_edm_denoiser(models, name):
+    """denoise(x, t) = net(x, sigma=t, one_hot(labels)): row i at t = sigma_i is the fixture's output i."""
     _, _, io = _fixture(name)
-    module, variables, config = loaded[name]
+    model = models[name]
     labels = io.get("class_labels")
-    denoise, schedule = nets.to_denoiser(module, variables, config, labels)
-    assert isinstance(schedule, schedules.VE)
+    denoise = model.denoiser(None if labels is None else labels.argmax(1))
+    assert isinstance(model.schedule, schedules.VE)
     x = jnp.asarray(io["x"].transpose(0, 2, 3, 1))
     scale = np.abs(io["output"]).max()
-    for i, sigma in enumerate(io["sigma"]):
-        out = np.asarray(denoise(x, float(sigma)))[i].transpose(2, 0, 1)
-        assert np.abs(out - io["output"][i]).max() <= 1e-5 * scale
-    if labels is not None:  # integer labels are one-hot encoded
-        d_int, _ = nets.to_denoiser(module, variables, config, labels.argmax(1))
-        assert np.array_equal(d_int(x, 1.0), denoise(x, 1.0))
-    else:
+    for i, sigma in enumerate(io["sigma"]):  # within 2e-5: XLA fuses the preconditioning into the program
+        out = np.asarray(DENOISE(denoise, x, float(sigma)))[i].transpose(2, 0, 1)
+        assert np.abs(out - io["output"][i]).max() <= 2e-5 * scale
+    if labels is None:
         with pytest.raises(ValueError, match="unconditional"):
-            nets.to_denoiser(module, variables, config, np.zeros(4, int))
+            model.denoiser(np.zeros(4, int))
+    else:  # label -1 is the null label: the original's all-zero class vector
+        null = np.asarray(model.apply(x, jnp.ones(len(x)), jnp.zeros_like(labels)))
+        assert np.allclose(DENOISE(model.denoiser(np.full(len(x), -1)), x, 1.0), null, atol=1e-5 * scale)
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
+            model.denoiser(np.full(len(x), 10))
 
 
-def test_edm_schedule_range(converted, loaded):
+def test_edm_schedule_range(models, loaded):
     """EDM sampling range: generate.py's [0.002, 80] clipped to the preconditioner's own range."""
-    _, schedule = nets.load_denoiser(converted["edm_ncsnpp_ve_tiny"][0])
+    schedule = models["edm_ncsnpp_ve_tiny"].schedule
     assert schedule == schedules.VE(sigma_min=0.02, sigma_max=80.0)
     assert loaded["edm_ncsnpp_ve_tiny"][2]["schedule"] == dict(type="VE", sigma_min=0.02,
                                                                sigma_max=80.0)
@@ -150,16 +159,17 @@ def test_edm_schedule_range(converted, loaded):
                                                              sigma_max=80.0)
 
 
-@needs_fixtures
-def test_adm_denoiser_uses_eps_half_at_model_time(loaded):
+def test_adm_denoiser_uses_eps_half_at_model_time(models, loaded):
     """denoise(x, t_n) with t_n = (n + 1) / N is x0 from the fixture's epsilon at timestep n."""
     _, _, io = _fixture("adm_guided_tiny")
-    module, variables, config = loaded["adm_guided_tiny"]
-    assert config["schedule"] == dict(type="VPDiscrete", noise_schedule="linear",
-                                      diffusion_steps=1000)
+    model = models["adm_guided_tiny"]
+    assert loaded["adm_guided_tiny"][2]["schedule"] == dict(type="VPDiscrete", noise_schedule="linear",
+                                                            diffusion_steps=1000)
     with pytest.raises(ValueError, match="class-conditional"):
-        nets.to_denoiser(module, variables, config)
-    denoise, schedule = nets.to_denoiser(module, variables, config, io["y"])
+        model.denoiser()
+    with pytest.raises(ValueError, match="classifier-free guidance needs .* unconditional mode"):
+        model.denoiser(io["y"], guidance=2.0)
+    denoise, schedule = model.denoiser(io["y"]), model.schedule
     assert isinstance(schedule, schedules.VPDiscrete) and schedule.num_steps == 1000
     x = io["x"].transpose(0, 2, 3, 1)
     eps_ref = io["output"][:, :3].transpose(0, 2, 3, 1)
@@ -167,7 +177,7 @@ def test_adm_denoiser_uses_eps_half_at_model_time(loaded):
     for i, n in enumerate(io["timesteps"]):
         t = (int(n) + 1) / 1000
         assert float(schedule.model_time(t)) == pytest.approx(float(n), abs=1e-3)
-        got = np.asarray(denoise(jnp.asarray(x), t))[i]
+        got = np.asarray(DENOISE(denoise, jnp.asarray(x), t))[i]
         ref = (x[i] - np.sqrt(1 - abar[n]) * eps_ref[i]) / np.sqrt(abar[n])
         _close(got, ref, 1e-4)
 
@@ -184,26 +194,22 @@ def _edm_heun_reference(denoise, x, ts):
     return x
 
 
-@needs_fixtures
-def test_sample_end_to_end_with_heun(loaded):
-    jds = pytest.importorskip("jdiffsample")
-    if not hasattr(jds, "sample"):
-        pytest.skip("jdiffsample.sample is not available yet")
+def test_sample_end_to_end_with_heun(models):
+    import jdiffsample
     from jdiffsample import timesteps
 
     name = "edm_ddpmpp_vp_tiny"
     _, _, io = _fixture(name)
-    labels = io["class_labels"]  # the fixture's batch shape: the network is compiled already
-    denoise, schedule = nets.to_denoiser(*loaded[name], labels)
+    model = models[name]
+    denoise, schedule = model.denoiser(io["class_labels"].argmax(1)), model.schedule
     ts = timesteps.karras(schedule, 4, final_zero=True)
     x = jax.random.normal(jax.random.key(0), io["x"].transpose(0, 2, 3, 1).shape) * ts[0]
-    out = np.asarray(jds.sample(denoise, x, ts, schedule, solver="heun"))
+    out = np.asarray(jdiffsample.sample(denoise, x, ts, schedule, solver="heun"))
     assert out.shape == x.shape and np.all(np.isfinite(out))
-    ref = np.asarray(_edm_heun_reference(denoise, x, [float(t) for t in ts]))
+    ref = np.asarray(_edm_heun_reference(lambda x, t: DENOISE(denoise, x, t), x, [float(t) for t in ts]))
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())
 
 
-@needs_fixtures
 def test_synthetic_edm_snapshot_via_cli(tmp_path, loaded):
     """An EDM network-snapshot pickle (persistence objects, nested storage blobs) converts via the
     CLI with class and kwargs read from the pickle, and reproduces the fixture."""
@@ -230,9 +236,9 @@ def test_synthetic_edm_snapshot_via_cli(tmp_path, loaded):
 
 
 def _assert_failed(r, dst, pattern):
-    assert r.returncode != 0
+    assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("jdiffsample convert edm: error: "), r.stderr
     assert re.search(pattern, lines[0]), lines[0]
     assert _leftovers(dst) == [], _leftovers(dst)
 
@@ -248,20 +254,15 @@ def test_cli_refuses_malicious_pickle(tmp_path):
     assert not sentinel.exists()
 
 
-def _script(name, monkeypatch):
-    """convert/<name>.py loaded in-process (faster than a subprocess for error paths)."""
-    monkeypatch.syspath_prepend(str(ROOT / "convert"))
-    spec = importlib.util.spec_from_file_location(f"convert_{name}", ROOT / "convert" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _convert(family):
+    """``jdiffsample convert FAMILY`` in-process (faster than a subprocess for error paths)."""
+    return lambda args: cli.main(["convert", family, *args])
 
 
-@needs_fixtures
-def test_cli_error_paths(tmp_path, monkeypatch, capsys):
-    edm, adm = _script("edm", monkeypatch), _script("adm", monkeypatch)
-    ddpmpp = FIXTURES / "edm_ddpmpp_vp_tiny"
-    adm_dir = FIXTURES / "adm_guided_tiny"
+def test_cli_error_paths(tmp_path, capsys):
+    edm, adm = _convert("edm"), _convert("adm")
+    ddpmpp = fixture_dir("edm_ddpmpp_vp_tiny")
+    adm_dir = fixture_dir("adm_guided_tiny")
     raw = (ddpmpp / "state_dict.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 3])
     (tmp_path / "bad.json").write_text("{not json")
@@ -273,12 +274,12 @@ def test_cli_error_paths(tmp_path, monkeypatch, capsys):
         (edm, [ddpmpp / "state_dict.pt", "DST", "--kwargs", tmp_path / "bad.json"],
          r"not valid JSON"),
         (edm, [ddpmpp / "state_dict.pt", "DST", "--kwargs",
-               FIXTURES / "edm_ncsnpp_ve_tiny" / "config.json"],
+               fixture_dir("edm_ncsnpp_ve_tiny") / "config.json"],
          r"state_dict does not fit VEPrecond"),
         (edm, [ddpmpp / "state_dict.pt", "DST", "--kwargs", adm_dir / "config.json"],
          r"unsupported network class 'UNetModel'"),
         (adm, [adm_dir / "state_dict.pt", "DST", "--preset", "64x64"],
-         r"does not match the UNetModel kwargs.*shape mismatches"),
+         r"does not fit the UNetModel kwargs.*shape mismatches"),
         (adm, [adm_dir / "state_dict.pt", "DST", "--preset", "1024x1024"],
          r"unknown ADM preset '1024x1024'"),
         (adm, [ddpmpp / "state_dict.pt", "DST", "--config", adm_dir / "config.json"],
@@ -288,37 +289,35 @@ def test_cli_error_paths(tmp_path, monkeypatch, capsys):
     ]
     for i, (script, args, pattern) in enumerate(cases):
         dst = tmp_path / f"out{i}"
-        rc = script.main([str(dst) if a == "DST" else str(a) for a in args])
+        rc = script([str(dst) if a == "DST" else str(a) for a in args])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc == 1 and len(err) == 1 and re.search(pattern, err[0]), (i, err)
+        assert rc == 2 and len(err) == 1 and re.search(pattern, err[0]), (i, err)
         assert _leftovers(dst) == [], (i, _leftovers(dst))
 
 
-@needs_fixtures
-def test_cli_existing_destination_is_kept(tmp_path, monkeypatch, capsys):
-    adm = _script("adm", monkeypatch)
-    folder = FIXTURES / "adm_guided_tiny"
+def test_cli_existing_destination_is_kept(tmp_path, capsys):
+    adm = _convert("adm")
+    folder = fixture_dir("adm_guided_tiny")
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
     args = [str(folder / "state_dict.pt"), str(dst), "--config", str(folder / "config.json")]
-    assert adm.main(args) == 1
+    assert adm(args) == 2
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
-    assert adm.main(args + ["--overwrite", "--noise-schedule", "cosine"]) == 0
+    assert adm(args + ["--overwrite", "--noise-schedule", "cosine"]) == 0
     assert nets.load_config(dst)["schedule"]["noise_schedule"] == "cosine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@needs_fixtures
 def test_convert_edm_legacy_state_dict(tmp_path, loaded):
     """A legacy (non-zip) torch.save state_dict converts like the zip one."""
     name = "edm_ncsnpp_ve_tiny"
-    folder = FIXTURES / name
+    folder = fixture_dir(name)
     sd = torchfile.load_state_dict(folder / "state_dict.pt")
     root = OrderedDict((k, tp.array_tensor(v, str(i))) for i, (k, v) in enumerate(sd.items()))
     (tmp_path / "legacy.pt").write_bytes(tp.legacy_blob(root))
-    info = nets.convert_edm(tmp_path / "legacy.pt", tmp_path / "out", folder / "config.json")
+    info = nets.convert("edm", tmp_path / "legacy.pt", tmp_path / "out", kwargs=folder / "config.json")
     assert info["class_name"] == "VEPrecond" and info["tensors"] == len(sd)
     _, variables = nets.load(tmp_path / "out")
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, variables, loaded[name][1])))
@@ -344,7 +343,7 @@ def test_save_is_atomic(tmp_path, monkeypatch, exc):
         def close(self):
             pass
 
-    monkeypatch.setattr(nets, "_checkpointer", Failing)
+    monkeypatch.setattr(nets.checkpoint, "_checkpointer", Failing)
     dst = tmp_path / "a" / "b" / "ckpt"
     with pytest.raises(exc):
         nets.save(dst, "edm", "EDMPrecond", {}, _tiny_variables(), extra={"schedule": {}})
@@ -362,8 +361,8 @@ def test_save_load_round_trip_and_errors(tmp_path):
     assert dst.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0o700
     with pytest.raises(FileExistsError):
         nets.save(dst, "adm", "UNetModel", {}, v)
-    with pytest.raises(ValueError, match="unknown network family"):
-        nets.save(tmp_path / "x", "sd", "UNetModel", {}, v)
+    with pytest.raises(ValueError, match="unknown network family 'nope'; choose one of .*adm.*edm"):
+        nets.save(tmp_path / "x", "nope", "UNetModel", {}, v)
     with pytest.raises(ValueError, match="no such directory"):
         nets.load(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -374,15 +373,14 @@ def test_save_load_round_trip_and_errors(tmp_path):
         nets.load(tmp_path / "empty")
 
 
-@needs_fixtures
 def test_conversion_memory_is_bounded(tmp_path):
     """Peak Python-visible allocations while converting stay within 3x the checkpoint size."""
-    folder = FIXTURES / "adm_guided_tiny"
+    folder = fixture_dir("adm_guided_tiny")
     size = (folder / "state_dict.pt").stat().st_size
-    nets.convert_adm(folder / "state_dict.pt", tmp_path / "warm", config=folder / "config.json")
+    nets.convert("adm", folder / "state_dict.pt", tmp_path / "warm", config=folder / "config.json")
     tracemalloc.start()
     try:
-        nets.convert_adm(folder / "state_dict.pt", tmp_path / "out", config=folder / "config.json")
+        nets.convert("adm", folder / "state_dict.pt", tmp_path / "out", config=folder / "config.json")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

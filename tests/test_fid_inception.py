@@ -11,31 +11,20 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
-import sys
-import types
 
 import numpy as np
 import pytest
+from conftest import require
 
 from jdiffsample import fid, metrics
 
-torch = pytest.importorskip("torch")
+torch = require("torch")
 
 
 def _pytorch_fid_inception():
-    """pytorch_fid.inception, with torchvision's Python modules but not its C++ extension."""
-    if "torchvision" not in sys.modules:
-        spec = importlib.util.find_spec("torchvision")
-        if spec is None:
-            pytest.fail("torchvision is not installed (a test dependency: pip install -e '.[test]')")
-        package = types.ModuleType("torchvision")
-        package.__path__ = [os.path.dirname(spec.origin)]
-        package.__version__ = importlib.metadata.version("torchvision")
-        sys.modules["torchvision"] = package
-        import torchvision.models  # noqa: F401  (only the model definitions)
-
-        package.models = sys.modules["torchvision.models"]
+    """pytorch_fid.inception (torchvision's Python modules only: see conftest)."""
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.fail("torchvision is not installed (a test dependency: pip install -e '.[test]')")
     import pytorch_fid.inception as pfi
 
     return pfi
@@ -134,12 +123,12 @@ def test_bad_weight_files(networks, tmp_path):
     sd = torch.load(path)
     del sd["Mixed_6a.branch3x3.conv.weight"]
     torch.save(sd, tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match="1 tensors missing.*Mixed_6a.branch3x3.conv.weight"):
+    with pytest.raises(ValueError, match=r"not fit pytorch-fid's InceptionV3.*missing keys \(1: Mixed_6a.branch3x3.conv.weight\)"):
         fid.load_inception(tmp_path / "missing.pth")
     sd = torch.load(path)
     sd["Mixed_5b.branch1x1.bn.weight"] = torch.zeros(65)
     torch.save(sd, tmp_path / "shape.pth")
-    with pytest.raises(ValueError, match=r"Mixed_5b.branch1x1.bn.weight has shape \(65,\), expected \(64,\)"):
+    with pytest.raises(ValueError, match=r"shape mismatches \(1: Mixed_5b.branch1x1.bn.weight \(65,\) != \(64,\)\)"):
         fid.load_inception(tmp_path / "shape.pth")
     with pytest.raises(FileNotFoundError, match="no Inception weights file"):
         fid.load_inception(tmp_path / "absent.pth")

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import assert_cli_fails
 
-from jdiffsample import cli, pipeline
+from jdiffsample import pipeline
 
 KWARGS = dict(img_resolution=8, img_channels=1, label_dim=10, sigma_data=0.5, model_type="SongUNet",
               model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0,
@@ -62,6 +63,7 @@ def env(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.pop("XLA_FLAGS", None)
+    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # determinism with XLA's full optimizations
     return env
 
 
@@ -245,9 +247,11 @@ def test_kill_and_resume(models, env, reference, tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("unknown_solver", "unknown solver 'nope'"),
-    ("nfe_order", "nfe=2 is too small for unipc of order 3"),
-    ("heun_odd", "nfe must be even"),
-    ("guidance_uncond", "guidance needs class labels, but the model is unconditional"),
+    ("bad_order", "option order of solver unipc must be one of 1, 2, 3, got 5"),
+    ("bad_nfe", "nfe must be a positive integer, got 0"),
+    ("guidance_uncond", "classifier-free guidance needs a class-conditional network"),
+    ("guide_uncond", "a guide network needs a guidance weight"),
+    ("bad_interval", "the guidance interval must be LO,HI with 0 <= LO < HI"),
     ("labels_uncond", "the model is unconditional"),
     ("bad_label", "class label 12 is not an integer in [0, 9]"),
     ("other_settings", "holds samples made with other settings (seed: 3 there, 4 here)"),
@@ -262,8 +266,10 @@ def test_bad_arguments(case, message, models, reference, tmp_path, capsys):
     cond, uncond, out = str(models["cond"]), str(models["uncond"]), str(tmp_path / "out")
     argv = {
         "unknown_solver": ["--model", cond, "--out", out, "--solver", "nope"],
-        "nfe_order": ["--model", cond, "--out", out, "--nfe", "2", "--order", "3"],
-        "heun_odd": ["--model", cond, "--out", out, "--solver", "heun", "--nfe", "7"],
+        "bad_order": ["--model", cond, "--out", out, "--order", "5"],
+        "bad_nfe": ["--model", cond, "--out", out, "--solver", "heun", "--nfe", "0"],
+        "guide_uncond": ["--model", cond, "--out", out, "--guide-model", uncond],
+        "bad_interval": ["--model", cond, "--out", out, "--guidance", "2", "--guidance-interval", "3,1"],
         "guidance_uncond": ["--model", uncond, "--out", out, "--guidance", "2"],
         "labels_uncond": ["--model", uncond, "--out", out, "--class-labels", "3"],
         "bad_label": ["--model", cond, "--out", out, "--class-labels", "1,12"],
@@ -276,10 +282,7 @@ def test_bad_arguments(case, message, models, reference, tmp_path, capsys):
         "other_micro_batch": ["--model", cond, "--out", str(reference[0]), *RUN, "--micro-batch", "4"],
     }[case]
     before = sorted(p.name for p in reference[0].iterdir())
-    assert cli.main(["sample", *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err, err
-    assert not (tmp_path / "out").exists()
+    assert_cli_fails(["sample", *argv], message, capsys, tmp_path / "out")
     assert sorted(p.name for p in reference[0].iterdir()) == before
 
 
@@ -295,7 +298,7 @@ def test_png_and_atomic_write(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        pipeline._atomic_write(tmp_path / "samples_000000.npz", fail)
+        pipeline.output.atomic_write(tmp_path / "samples_000000.npz", fail)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
 
@@ -312,3 +315,51 @@ def test_cli_asks_for_deterministic_gpu_kernels(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS")
     sample.deterministic_gpu_kernels()
     assert os.environ["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=true"
+
+
+def test_new_labels_seed_and_skip_tuning_do_not_recompile(models, tmp_path):
+    """The weights (Skip-Tuning scales included), labels and seed are arguments of the compiled
+    program: a second run with other ones spends under 10% of the first one's XLA compile time,
+    through the pipeline and through jdiffsample.sample."""
+    import jax
+
+    import jdiffsample
+    from jdiffsample import nets, skip_tuning, timesteps
+
+    seconds, active = [], [False]
+
+    def listen(event, duration, **kwargs):
+        if active[0] and event.endswith("backend_compile_duration"):
+            seconds.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+
+    def compile_seconds(fn):
+        seconds.clear()
+        active[0] = True
+        try:
+            fn()
+        finally:
+            active[0] = False
+        return sum(seconds)
+
+    common = dict(num=6, solver="unipc", nfe=4, micro_batch=MICRO, batch=BATCH, shard_size=SHARD, log=None)
+    first = compile_seconds(lambda: pipeline.generate(models["cond"], tmp_path / "a", seed=11, class_labels=[1, 2],
+                                                      skip_tuning=0.9, **common))
+    second = compile_seconds(lambda: pipeline.generate(models["cond"], tmp_path / "b", seed=12,
+                                                       class_labels="random", skip_tuning=0.7, **common))
+    assert first > 0 and second < 0.1 * first, (first, second)
+
+    model = nets.load_model(models["cond"])
+    ts = timesteps.logsnr(model.schedule, 4)
+
+    def run(labels, rho, seed):
+        tuned = model.with_variables(skip_tuning.apply(model.variables, rho_bottom=rho))
+        x = jax.random.normal(jax.random.key(seed), (4, 8, 8, 1)) * ts[0]
+        out = jdiffsample.sample(tuned.denoiser(np.asarray(labels)), x, ts, model.schedule, "sa_solver",
+                                 key=jax.random.key(seed))
+        return np.asarray(out)
+
+    first = compile_seconds(lambda: run([1, 2, 3, 4], 0.9, 0))
+    second = compile_seconds(lambda: run([5, 6, 7, 8], 0.7, 1))
+    assert first > 0 and second < 0.1 * first, (first, second)

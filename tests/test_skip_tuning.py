@@ -1,26 +1,24 @@
 """Tests for jdiffsample.skip_tuning on the converted golden fixtures."""
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import fixture_dir
+
 from jdiffsample import skip_tuning
 from jdiffsample.nets import adm, edm, torchfile
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-needs_fixtures = pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f"golden fixtures not found at {FIXTURES} (../shared/fixtures)")
 
 # Decoder blocks of the 16x16, 3-level, 2-block fixtures that concatenate a skip, deepest first.
 TINY_CONSUMERS = [f"{r}x{r}_block{i}" for r in (4, 8, 16) for i in range(3)]
 
 
 def _load(name):
-    folder = FIXTURES / name
+    folder = fixture_dir(name)
     cfg = json.loads((folder / "config.json").read_text())
     sd = torchfile.load_state_dict(folder / "state_dict.pt")
     io = dict(np.load(folder / "io.npz"))
@@ -40,8 +38,6 @@ def _load(name):
 
 @pytest.fixture(scope="module", params=["adm_guided_tiny", "edm_adm_edm_tiny"])
 def net(request):
-    if not FIXTURES.is_dir():
-        pytest.skip(f"golden fixtures not found at {FIXTURES}")
     return _load(request.param)
 
 
@@ -63,12 +59,11 @@ def test_tuned_network_differs(net):
     assert not np.array_equal(top_only, base) and not np.array_equal(top_only, tuned)
 
 
-@needs_fixtures
 def test_scales_follow_adm_architecture():
-    cfg = json.loads((FIXTURES / "adm_guided_tiny" / "config.json").read_text())
+    cfg = json.loads((fixture_dir("adm_guided_tiny") / "config.json").read_text())
     kw = cfg["kwargs"]
     variables = adm.convert_state_dict(kw, torchfile.load_state_dict(
-        FIXTURES / "adm_guided_tiny" / "state_dict.pt"))
+        fixture_dir("adm_guided_tiny") / "state_dict.pt"))
     n_input_blocks = 1 + len(kw["channel_mult"]) * kw["num_res_blocks"] + len(kw["channel_mult"]) - 1
     names = [name for name, _ in skip_tuning.scales(variables)]
     # one skip per input block; output block j consumes input block (n - 1 - j)
@@ -76,13 +71,12 @@ def test_scales_follow_adm_architecture():
     assert names[0] == "00_output_blocks.0" and names[-1] == "08_output_blocks.8"
 
 
-@needs_fixtures
 @pytest.mark.parametrize("name", ["edm_adm_edm_tiny", "edm_ddpmpp_vp_tiny", "edm_ncsnpp_ve_tiny"])
 def test_scales_follow_edm_architecture(name):
-    cfg = json.loads((FIXTURES / name / "config.json").read_text())
+    cfg = json.loads((fixture_dir(name) / "config.json").read_text())
     module = edm.build(cfg["class_name"], cfg["kwargs"])
     variables = edm.convert_state_dict(cfg["class_name"], cfg["kwargs"], torchfile.load_state_dict(
-        FIXTURES / name / "state_dict.pt"))
+        fixture_dir(name) / "state_dict.pt"))
     scales = skip_tuning.scales(variables)
     names = [n for n, _ in scales]
     assert names == list(module.skip_names)

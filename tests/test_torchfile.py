@@ -1,6 +1,6 @@
 """Tests for jdiffsample.nets.torchfile: reading PyTorch files without torch or code execution.
 
-torch is used (through importorskip) only to *create* files; the reader never imports it.
+torch is used (through conftest.require) only to *create* files; the reader never imports it.
 Synthetic files are also written byte for byte by ``_torch_pickles``, so most tests need no torch.
 """
 
@@ -17,16 +17,14 @@ import numpy as np
 import pytest
 
 import _torch_pickles as tp
+from conftest import FIXTURES, fixture_dir, missing, require
+
 from jdiffsample.nets import torchfile
 from jdiffsample.nets.torchfile import (CheckpointFormatError, UnsafeCheckpointError,
                                         load_edm_pickle, load_state_dict)
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-EDM_FIXTURE = FIXTURES / "edm_ncsnpp_ve_tiny"
-
-
 def _torch():
-    return pytest.importorskip("torch")
+    return require("torch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +114,7 @@ def test_fixture_state_dicts_match_torch_load():
     torch = _torch()
     paths = sorted(FIXTURES.glob("*/state_dict.pt"))
     if not paths:
-        pytest.skip(f"fixtures not found at {FIXTURES}")
+        missing(f"fixtures not found at {FIXTURES}")
     for path in paths:
         ref = torch.load(path, weights_only=True)
         got = load_state_dict(path)
@@ -189,10 +187,9 @@ def test_synthetic_legacy_file(tmp_path):
 
 
 def _fixture_edm():
-    if not EDM_FIXTURE.is_dir():
-        pytest.skip(f"fixture {EDM_FIXTURE} not found")
-    cfg = json.loads((EDM_FIXTURE / "config.json").read_text())
-    return cfg, load_state_dict(EDM_FIXTURE / "state_dict.pt", copy=True)
+    folder = fixture_dir("edm_ncsnpp_ve_tiny")
+    cfg = json.loads((folder / "config.json").read_text())
+    return cfg, load_state_dict(folder / "state_dict.pt", copy=True)
 
 
 def test_synthetic_edm_snapshot(tmp_path):

@@ -25,16 +25,18 @@ def _list(kind):
 
 
 def add_arguments(parser) -> None:
-    from jdiffsample.evaluate import SOLVER_SPECS
+    from jdiffsample.solvers import registry
 
-    names = ", ".join(SOLVER_SPECS)
+    names = ", ".join(registry.names())
     parser.add_argument("--model", default="digits",
                         help="bundled model name or checkpoint directory (default digits)")
-    parser.add_argument("--solvers", type=str, default="unipc,dpmpp,sa_solver,heun,ddim",
-                        help=f"comma-separated, from: {names}")
+    parser.add_argument("--solvers", type=str, default="unipc,dpmpp:order=3,sa_solver,heun,ddim",
+                        help=f"comma-separated solvers, each NAME or NAME:OPTION=VALUE,... (e.g. dpmpp:order=3), "
+                             f"from: {names}")
     parser.add_argument("--nfe", type=str, default="5,6,8,10,20", help="comma-separated NFEs")
     parser.add_argument("--grids", type=str, default="logsnr,karras,optimized,learned",
-                        help="comma-separated: logsnr, karras, uniform, quadratic, optimized, learned")
+                        help="comma-separated, from jdiffsample.grids: logsnr, karras, uniform, quadratic, "
+                             "optimized, ays, gits, learned, ld3")
     parser.add_argument("--skip", type=str, default="0.9,0.8,0.7",
                         help="Skip-Tuning rho_bottom values besides 1.0 (empty: none)")
     parser.add_argument("--skip-solvers", type=str, default=None,
@@ -42,12 +44,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-grid", default=None,
                         help="grid of the Skip-Tuning rows (default: the first of --grids)")
     parser.add_argument("--samples", type=int, default=1000, help="images per cell (default 1000)")
-    parser.add_argument("--batch", type=int, default=500, help="images per sampling call")
+    parser.add_argument("--batch", type=int, default=512, help="images per sampling call")
+    parser.add_argument("--micro-batch", type=int, default=64,
+                        help="samples per network call, as for 'jdiffsample sample' (default 64)")
+    parser.add_argument("--save-samples", default=None, metavar="DIR",
+                        help="also write every cell's images as a 'jdiffsample sample' folder in DIR/<cell>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ref-steps", type=int, default=100,
                         help="Heun steps of the reference solution (default 100: NFE 199)")
     parser.add_argument("--learned-solvers", type=str, default=None,
-                        help="solvers that get the learned grid (default: all --solvers); learning "
+                        help="solvers that get the learned and ld3 grids (default: all --solvers); learning "
                              "differentiates through the sampler and costs minutes per cell on a CPU")
     parser.add_argument("--learn-batch", type=int, default=64, help="noises for learned grids")
     parser.add_argument("--learn-iters", type=int, default=30, help="iterations for learned grids")
@@ -63,21 +69,28 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from jdiffsample import evaluate
 
-    solvers = _list(str)(args.solvers)
+    from jdiffsample import grids as grid_methods
+    from jdiffsample import nets
+    from jdiffsample.solvers import registry
+
+    solvers = registry.split_specs(args.solvers)
     nfes = _list(int)(args.nfe)
     grids = _list(str)(args.grids)
     skips = [r for r in _list(float)(args.skip) if r != 1.0]
-    skip_solvers = solvers if args.skip_solvers is None else _list(str)(args.skip_solvers)
+    skip_solvers = solvers if args.skip_solvers is None else registry.split_specs(args.skip_solvers)
     skip_grid = args.skip_grid or grids[0]
-    learned_solvers = solvers if args.learned_solvers is None else _list(str)(args.learned_solvers)
-    unknown = sorted(set(solvers + skip_solvers + learned_solvers) - set(evaluate.SOLVER_SPECS))
-    if unknown:
-        raise ValueError(f"unknown solver(s) {unknown}; choose from {', '.join(evaluate.SOLVER_SPECS)}")
+    learned_solvers = solvers if args.learned_solvers is None else registry.split_specs(args.learned_solvers)
     if not (solvers and nfes and grids):
         raise ValueError("--solvers, --nfe and --grids need at least one value each")
-    for nfe in nfes:
-        for s in solvers:
-            evaluate.steps_for(s, nfe)  # validates before the slow part
+    unknown = sorted(set(grids) - set(grid_methods.NAMES))
+    if unknown:
+        raise ValueError(f"unknown grid(s) {', '.join(unknown)}; choose from {', '.join(grid_methods.NAMES)}")
+    config = nets.load_config(nets.resolve(args.model))
+    zero_end = nets.get_family(config["family"]).schedule(config["schedule"]).zero_end
+    for spec in {*solvers, *skip_solvers, *learned_solvers}:
+        name, _ = registry.parse_spec(spec)  # validates before the slow part
+        for nfe in nfes:
+            registry.get(name).steps_for_nfe(nfe, zero_end=zero_end)
     for flag, path in (("--fid-weights", args.fid_weights), ("--fid-ref", args.fid_ref)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag}: no file {path}")
@@ -93,12 +106,14 @@ def run(args) -> int:
     suite = evaluate.Suite(args.model, samples=args.samples, batch=args.batch, seed=args.seed,
                            ref_steps=args.ref_steps, learn_batch=args.learn_batch,
                            learn_iters=args.learn_iters, inception=args.fid_weights,
-                           fid_reference=args.fid_ref, log=log)
-    # learned grids last: they are by far the slowest cells
-    plan = [(s, n, g, 1.0) for s in solvers for g in grids if g != "learned" for n in nfes]
+                           fid_reference=args.fid_ref, micro_batch=args.micro_batch,
+                           save_samples=args.save_samples, log=log)
+    # grids found on the model's trajectories last: they are by far the slowest cells
+    plan = [(s, n, g, 1.0) for s in solvers for g in grids if g not in ("gits", "learned", "ld3") for n in nfes]
     plan += [(s, n, skip_grid, r) for s in skip_solvers for r in skips for n in nfes]
-    if "learned" in grids:
-        plan += [(s, n, "learned", 1.0) for s in learned_solvers for n in nfes]
+    for slow in ("gits", "learned", "ld3"):
+        if slow in grids:
+            plan += [(s, n, slow, 1.0) for s in (learned_solvers if slow != "gits" else solvers) for n in nfes]
     cells = []
     for i, (s, n, g, r) in enumerate(plan):
         cell = suite.cell(s, n, g, r)

@@ -11,19 +11,20 @@ from __future__ import annotations
 import json
 import sys
 
+from jdiffsample.commands import _solver_flags
+
 HELP = "optimize a sampling time grid (the error bound of Xue et al. 2024, or learned) and print it as JSON"
 
-_SCHEDULES = ("vp-linear", "vp-cosine", "vp-discrete", "ve")
-_SOLVERS = ("unipc", "dpmpp")
+_SCHEDULES = ("vp-linear", "vp-cosine", "vp-discrete", "ve", "flow")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--schedule", choices=_SCHEDULES, default="vp-linear", help="noise schedule")
     parser.add_argument("--nfe", type=int, default=10, help="number of model calls = steps (default 10)")
-    parser.add_argument("--solver", choices=_SOLVERS, default="unipc",
-                        help="the multistep solver the grid is for (default unipc); the bound models either as "
-                             "an order --order Adams method with lower-order final steps, --learned runs it")
-    parser.add_argument("--order", type=int, default=3, help="solver order, 1-3 (default 3)")
+    parser.add_argument("--solver", default="unipc",
+                        help=f"the solver the grid is for (default unipc): {_solver_flags.solver_help()}; the bound "
+                             f"models it as an Adams method of its order (1-3) with lower-order final steps, "
+                             f"--learned runs it")
     parser.add_argument("--init", default="logsnr", choices=("logsnr", "uniform", "quadratic", "karras"),
                         help="initial grid (default logsnr)")
     parser.add_argument("--p", type=float, default=1.0,
@@ -40,9 +41,10 @@ def add_arguments(parser) -> None:
     learned.add_argument("--batch", type=int, default=128, help="training noises; as many held out (default 128)")
     learned.add_argument("--maxiter", type=int, default=100, help="learning iterations (default 100)")
     learned.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _solver_flags.add(parser)
 
 
-def _learned(args, schedule, settings):
+def _learned(args, schedule, settings, options, n_steps):
     import jax
     import jax.numpy as jnp
 
@@ -52,7 +54,7 @@ def _learned(args, schedule, settings):
         raise ValueError("--dim, --components and --batch must be positive")
     keys = jax.random.split(jax.random.key(args.seed), 3)
     mixture = models.GaussianMixture.random(keys[0], args.dim, args.components)
-    ts_init = timesteps.get(args.init, schedule, args.nfe, t_start=args.t_start, t_end=args.t_end)
+    ts_init = timesteps.get(args.init, schedule, n_steps, t_start=args.t_start, t_end=args.t_end)
     noise, held = (mixture.sample_marginal(k, args.batch, ts_init[0], schedule, dtype=jnp.float32) for k in keys[1:])
 
     def progress(it, ts, train, holdout):
@@ -60,7 +62,7 @@ def _learned(args, schedule, settings):
 
     result = optimize.learn_timesteps(
         mixture.denoiser(schedule), schedule, args.solver, noise, ts_init, holdout=held, maxiter=args.maxiter,
-        callback=progress, order=args.order,
+        callback=progress, **options,
     )
     settings.update(dim=args.dim, components=args.components, batch=args.batch, seed=args.seed, maxiter=args.maxiter)
     return dict(
@@ -73,24 +75,31 @@ def _learned(args, schedule, settings):
 def run(args) -> int:
     from jdiffsample import optimize, schedules
 
+    from jdiffsample.solvers import registry
+
     if args.nfe < 1:
         raise ValueError(f"--nfe must be a positive integer, got {args.nfe}")
-    if not 1 <= args.order <= 3:
-        raise ValueError(f"--order must be 1, 2 or 3, got {args.order}")
+    solver = registry.get(args.solver)
+    options = _solver_flags.options(args, args.solver)
+    order = solver.bound_order(options)
     schedule = schedules.get(args.schedule)
+    n_steps, final_zero = solver.steps_for_nfe(args.nfe, zero_end=schedule.zero_end)
+    if final_zero:
+        raise ValueError(f"--nfe {args.nfe} needs a last step into sigma = 0 for {args.solver}; pick an NFE that is "
+                         f"a multiple of its {solver.calls_per_step} model calls per step")
     settings = dict(
-        schedule=args.schedule, nfe=args.nfe, solver=args.solver, order=args.order, init=args.init,
+        schedule=args.schedule, nfe=args.nfe, solver=args.solver, options=options, order=order, init=args.init,
         t_start=args.t_start, t_end=args.t_end,
     )
     if args.learned:
         settings["method"] = "learned"
-        out = _learned(args, schedule, settings)
+        out = _learned(args, schedule, settings, options, n_steps)
     else:
         result = optimize.optimize_timesteps(
-            schedule, args.nfe, args.t_start, args.t_end, order=args.order, p=args.p, init=args.init,
+            schedule, n_steps, args.t_start, args.t_end, order=order, p=args.p, init=args.init,
             trunc=args.trunc, paper=args.paper,
         )
-        trunc = None if args.paper else (optimize.default_trunc(args.nfe) if args.trunc is None else args.trunc)
+        trunc = None if args.paper else (optimize.default_trunc(n_steps) if args.trunc is None else args.trunc)
         settings.update(method="surrogate", p=args.p, trunc=trunc, paper=args.paper)
         out = dict(
             times=result.ts.tolist(), lambdas=result.lams.tolist(), objective=result.objective,

@@ -32,13 +32,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+from jdiffsample.nets import edm, family, statedict
 
 __all__ = [
     "PRESETS",
@@ -52,7 +53,10 @@ __all__ = [
     "betas_for",
     "skip_name",
     "build",
+    "example_inputs",
     "convert_state_dict",
+    "convert",
+    "FAMILY",
 ]
 
 
@@ -157,15 +161,17 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
     return emb
 
 
-def _group_norm(x: jax.Array, name: str) -> jax.Array:
-    """``GroupNorm32``: 32 groups, eps 1e-5, computed in float32 and cast back to ``x.dtype``."""
-    norm = nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
-    return norm(x.astype(jnp.float32)).astype(x.dtype)
+def group_norm(x: jax.Array, name: str) -> jax.Array:
+    """``GroupNorm32``: 32 groups, eps 1e-5, computed in float32 and cast back to ``x.dtype``
+    (:func:`jdiffsample.nets.edm.group_norm`; parameters ``scale``, ``bias``)."""
+    return edm.GroupNorm(eps=1e-5, dtype=x.dtype, num_groups=32, name=name)(x)
 
 
-def _conv(features: int, name: str, dtype: Any, kernel: int = 3, stride: int = 1) -> nn.Conv:
-    """A PyTorch-style 2-D conv (symmetric zero padding ``kernel // 2``, with bias)."""
+def conv(features: int, name: str, dtype: Any, kernel: int = 3, stride: int = 1) -> nn.Module:
+    """A PyTorch-style 2-D conv (symmetric zero padding ``kernel // 2``, with bias); a 1x1 one is
+    computed as a matrix product (:class:`jdiffsample.nets.edm.Conv2d`, same parameters)."""
+    if kernel == 1 and stride == 1:
+        return edm.Conv2d(features, 1, dtype=dtype, name=name)
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), dtype=dtype, name=name)
@@ -189,7 +195,7 @@ class Upsample(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _upsample_nearest(x)
         if self.use_conv:
-            x = _conv(x.shape[-1], "conv", self.dtype)(x)
+            x = conv(x.shape[-1], "conv", self.dtype)(x)
         return x
 
 
@@ -202,7 +208,7 @@ class Downsample(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.use_conv:
-            return _conv(x.shape[-1], "op", self.dtype, stride=2)(x)
+            return conv(x.shape[-1], "op", self.dtype, stride=2)(x)
         return _avg_pool(x)
 
 
@@ -224,25 +230,25 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
         out_ch = self.out_channels
-        h = nn.silu(_group_norm(x, "in_layers_0"))
+        h = nn.silu(group_norm(x, "in_layers_0"))
         if self.up:
             h, x = _upsample_nearest(h), _upsample_nearest(x)
         elif self.down:
             h, x = _avg_pool(h), _avg_pool(x)
-        h = _conv(out_ch, "in_layers_2", self.dtype)(h)
+        h = conv(out_ch, "in_layers_2", self.dtype)(h)
 
         emb_features = 2 * out_ch if self.use_scale_shift_norm else out_ch
         emb_out = nn.Dense(emb_features, dtype=self.dtype, name="emb_layers_1")(nn.silu(emb))
         emb_out = emb_out.astype(h.dtype)[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = _group_norm(h, "out_layers_0") * (1 + scale) + shift
+            h = group_norm(h, "out_layers_0") * (1 + scale) + shift
         else:
-            h = _group_norm(h + emb_out, "out_layers_0")
-        h = _conv(out_ch, "out_layers_3", self.dtype)(nn.silu(h))
+            h = group_norm(h + emb_out, "out_layers_0")
+        h = conv(out_ch, "out_layers_3", self.dtype)(nn.silu(h))
 
         if x.shape[-1] != out_ch:
-            x = _conv(out_ch, "skip_connection", self.dtype, kernel=1)(x)
+            x = conv(out_ch, "skip_connection", self.dtype, kernel=1)(x)
         return x + h
 
 
@@ -276,17 +282,51 @@ class AttentionBlock(nn.Module):
 
         tokens = x.reshape(b, hgt * wid, c)
         qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(
-            _group_norm(tokens, "norm"))
+            group_norm(tokens, "norm"))
+        # -> [q/k/v, batch, head, token, channel]
         if self.use_new_attention_order:
-            q, k, v = (a.reshape(b, -1, heads, ch) for a in jnp.split(qkv, 3, axis=-1))
+            q, k, v = qkv.reshape(b, -1, 3, heads, ch).transpose(2, 0, 3, 1, 4)
         else:
-            q, k, v = jnp.split(qkv.reshape(b, -1, heads, 3 * ch), 3, axis=-1)
+            q, k, v = qkv.reshape(b, -1, heads, 3, ch).transpose(3, 0, 2, 1, 4)
         scale = 1 / math.sqrt(math.sqrt(ch))  # applied to q and k separately, as the original
-        logits = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
-        a = jnp.einsum("bhts,bshc->bthc", weights, v).reshape(b, -1, c)
+        a = edm.attention(q * scale, k * scale, v)
         h = nn.Dense(c, dtype=self.dtype, name="proj_out")(a)
         return (tokens + h.astype(tokens.dtype)).reshape(b, hgt, wid, c)
+
+
+def encode(module: nn.Module, x: jax.Array, emb: jax.Array, attention: Callable[[str], nn.Module]):
+    """The input blocks and the middle block of ADM's UNets, built inside ``module``'s compact call.
+
+    ``module`` has the fields ``model_channels``, ``channel_mult``, ``num_res_blocks``,
+    ``attention_resolutions``, ``resblock_updown``, ``conv_resample``, ``dtype`` and a method
+    ``_resblock(out_channels, name, down=...)``; ``attention(name)`` makes an attention block.
+    Returns ``(h, outputs, ds)``: the middle block's output, every input block's output (the skip
+    stack) and the final downsampling factor.
+    """
+    mc = module.model_channels
+    h = conv(int(module.channel_mult[0] * mc), "input_blocks_0_0", module.dtype)(x.astype(module.dtype))
+    outputs = [h]
+    ds, idx = 1, 1
+    for level, mult in enumerate(module.channel_mult):
+        for _ in range(module.num_res_blocks):
+            h = module._resblock(int(mult * mc), f"input_blocks_{idx}_0")(h, emb)
+            if ds in module.attention_resolutions:
+                h = attention(f"input_blocks_{idx}_1")(h)
+            outputs.append(h)
+            idx += 1
+        if level != len(module.channel_mult) - 1:
+            name = f"input_blocks_{idx}_0"
+            if module.resblock_updown:
+                h = module._resblock(h.shape[-1], name, down=True)(h, emb)
+            else:
+                h = Downsample(module.conv_resample, dtype=module.dtype, name=name)(h)
+            outputs.append(h)
+            idx += 1
+            ds *= 2
+    h = module._resblock(h.shape[-1], "middle_block_0")(h, emb)
+    h = attention("middle_block_1")(h)
+    h = module._resblock(h.shape[-1], "middle_block_2")(h, emb)
+    return h, outputs, ds
 
 
 class UNetModel(nn.Module):
@@ -359,30 +399,7 @@ class UNetModel(nn.Module):
             emb = emb + nn.Embed(self.num_classes, 4 * mc, name="label_emb")(y)
 
         # Encoder: every input block's output goes on the skip stack.
-        h = _conv(int(self.channel_mult[0] * mc), "input_blocks_0_0", self.dtype)(
-            x.astype(self.dtype))
-        hs = [h]
-        ds, idx = 1, 1
-        for level, mult in enumerate(self.channel_mult):
-            for _ in range(self.num_res_blocks):
-                h = self._resblock(int(mult * mc), f"input_blocks_{idx}_0")(h, emb)
-                if ds in attn_ds:
-                    h = self._attention(self.num_heads, f"input_blocks_{idx}_1")(h)
-                hs.append(h)
-                idx += 1
-            if level != len(self.channel_mult) - 1:
-                name = f"input_blocks_{idx}_0"
-                if self.resblock_updown:
-                    h = self._resblock(h.shape[-1], name, down=True)(h, emb)
-                else:
-                    h = Downsample(self.conv_resample, dtype=self.dtype, name=name)(h)
-                hs.append(h)
-                idx += 1
-                ds *= 2
-
-        h = self._resblock(h.shape[-1], "middle_block_0")(h, emb)
-        h = self._attention(self.num_heads, "middle_block_1")(h)
-        h = self._resblock(h.shape[-1], "middle_block_2")(h, emb)
+        h, hs, ds = encode(self, x, emb, lambda name: self._attention(self.num_heads, name))
 
         # Decoder: output block j concatenates [h, rho_j * skip], deepest skip first.
         j = 0
@@ -405,95 +422,217 @@ class UNetModel(nn.Module):
                     ds //= 2
                 j += 1
 
-        h = nn.silu(_group_norm(h.astype(jnp.float32), "out_0"))
-        return _conv(self.out_channels, "out_2", jnp.float32)(h).astype(jnp.float32)
+        h = nn.silu(group_norm(h.astype(jnp.float32), "out_0"))
+        return conv(self.out_channels, "out_2", jnp.float32)(h).astype(jnp.float32)
 
 
-def build(kwargs: Mapping[str, Any]) -> UNetModel:
+def construct(cls: type[nn.Module], class_name: str, kwargs: Mapping[str, Any], dtype, what: str) -> nn.Module:
+    """``cls(**kwargs, dtype=dtype)`` for a config naming ``class_name`` (JSON lists become tuples, so
+    the module stays hashable); one ``ValueError`` line for another class or bad kwargs."""
+    if class_name != cls.__name__:
+        raise ValueError(f"unsupported {what} class {class_name!r} (only {cls.__name__})")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if "dtype" in kwargs:
+        raise ValueError(f"dtype is not a constructor argument of {cls.__name__} (pass dtype= to build)")
+    try:
+        return cls(**kwargs, dtype=dtype)
+    except TypeError as e:  # unknown or missing constructor arguments
+        raise ValueError(f"bad {cls.__name__} kwargs: {str(e).split('() ', 1)[-1].removeprefix('got an ')}") from None
+
+
+def build(kwargs: Mapping[str, Any], class_name: str = "UNetModel", *, dtype=jnp.float32) -> UNetModel:
     """A :class:`UNetModel` from constructor kwargs (e.g. a :data:`PRESETS` entry or a fixture's
-    ``config.json`` kwargs); lists are turned into tuples so the module stays hashable."""
-    return UNetModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    ``config.json`` kwargs)."""
+    return construct(UNetModel, class_name, kwargs, dtype, "ADM network")
 
 
 _INDEX = re.compile(r"_(\d+)")
-_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 _CONV1D_MODULES = ("qkv", "proj_out")
 
 
 def _torch_key(path: tuple[str, ...]) -> str:
-    """Flax parameter path -> PyTorch state_dict key (``input_blocks_4_1/qkv/kernel`` ->
-    ``input_blocks.4.1.qkv.weight``)."""
+    """Flax path -> PyTorch key (``input_blocks_4_1/qkv/kernel`` -> ``input_blocks.4.1.qkv.weight``)."""
     *modules, leaf = path
-    return ".".join([_INDEX.sub(r".\1", m) for m in modules] + [_LEAF_TO_TORCH[leaf]])
+    return statedict.torch_key(tuple(_INDEX.sub(r".\1", m) for m in modules) + (leaf,))
 
 
 def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The PyTorch shape of the tensor that converts to a Flax parameter of ``shape``."""
-    if path[-1] != "kernel":
-        return shape
-    if len(shape) == 4:  # conv [kh, kw, in, out] <- [out, in, kh, kw]
-        return (shape[3], shape[2], shape[0], shape[1])
-    if path[-2] in _CONV1D_MODULES:  # Dense [in, out] <- Conv1d [out, in, 1]
-        return (shape[1], shape[0], 1)
-    return (shape[1], shape[0])  # Dense [in, out] <- Linear [out, in]
+    if path[-1] == "kernel" and len(shape) == 2 and path[-2] in _CONV1D_MODULES:
+        return (shape[1], shape[0], 1)  # Dense [in, out] <- Conv1d [out, in, 1]
+    return statedict.torch_shape(path, shape)
 
 
 def _to_flax(path: tuple[str, ...], w: np.ndarray) -> np.ndarray:
-    if path[-1] != "kernel":
-        return w
-    if w.ndim == 4:
-        return w.transpose(2, 3, 1, 0)
-    if w.ndim == 3:
-        return w[:, :, 0].T
-    return w.T
+    return statedict.to_flax(path, w[:, :, 0] if path[-1] == "kernel" and w.ndim == 3 else w)
 
 
-def _abstract_variables(model: UNetModel) -> dict:
+LAYOUT = statedict.Layout(key=_torch_key, shape=_torch_shape, convert=_to_flax)
+
+
+def example_inputs(model: UNetModel):
     size = model.image_size
-    x = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    y = None if model.num_classes is None else jax.ShapeDtypeStruct((1,), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.key(0), x, t, y)
-
-
-def _summarise(title: str, items: list[str], limit: int = 5) -> str:
-    shown = ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
-    return f"{title} ({len(items)}): {shown}"
+    y = None if model.num_classes is None else jnp.zeros((1,), jnp.int32)
+    return jnp.zeros((1, size, size, model.in_channels)), jnp.zeros((1,), jnp.int32), y
 
 
 def convert_state_dict(kwargs: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict:
     """Flax ``variables`` ``{"params": ..., "skip": ...}`` from a guided-diffusion state_dict.
 
-    ``state_dict`` maps the original keys (``input_blocks.0.0.weight``, ...) to arrays (numpy, or
-    anything ``np.asarray`` accepts); parameters are stored as float32. Conv weights
-    [O, I, kh, kw] become kernels [kh, kw, I, O]; Linear [O, I] and the attention Conv1d
-    [O, I, 1] become Dense kernels [I, O]. The Skip-Tuning scales are all 1.0.
-
-    Strict: raises ``ValueError`` naming the missing keys, unexpected keys and shape mismatches.
+    Conv weights [O, I, kh, kw] become kernels [kh, kw, I, O]; Linear [O, I] and the attention
+    Conv1d [O, I, 1] become Dense kernels [I, O]; parameters are float32 and the Skip-Tuning
+    scales 1.0. Strict (:func:`jdiffsample.nets.statedict.match`).
     """
-    abstract = _abstract_variables(build(kwargs))
-    expected = {
-        _torch_key(path): (path, _torch_shape(path, leaf.shape))
-        for path, leaf in traverse_util.flatten_dict(abstract["params"]).items()
-    }
-    problems = []
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing:
-        problems.append(_summarise("missing keys", missing))
-    if unexpected:
-        problems.append(_summarise("unexpected keys", unexpected))
-    arrays = {k: np.asarray(state_dict[k]) for k in expected if k in state_dict}
-    mismatched = sorted(
-        f"{k} {tuple(a.shape)} (expected {expected[k][1]})"
-        for k, a in arrays.items() if tuple(a.shape) != expected[k][1])
-    if mismatched:
-        problems.append(_summarise("shape mismatches", mismatched))
-    if problems:
-        raise ValueError("state_dict does not match the UNetModel kwargs: " + "; ".join(problems))
+    model = build(kwargs)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), *example_inputs(model))
+    return statedict.match(abstract, state_dict, layout=LAYOUT, what="the UNetModel kwargs")
 
-    params = traverse_util.unflatten_dict({
-        path: _to_flax(path, arrays[key].astype(np.float32)) for key, (path, _) in expected.items()
-    })
-    skip = {name: np.ones((), np.float32) for name in abstract["skip"]}
-    return {"params": params, "skip": skip}
+
+# ----------------------------------------------------------------------------------------------
+# The family: conversion, schedule and denoiser.
+
+#: Diffusion settings assumed when a config gives none (most released models use them).
+DEFAULT_DIFFUSION = dict(noise_schedule="linear", diffusion_steps=1000)
+
+
+def diffusion_info(diffusion: Mapping[str, Any] | None) -> dict:
+    """The config's schedule entry for guided-diffusion's settings (default: linear, 1000 steps)."""
+    d = {**DEFAULT_DIFFUSION, **{k: v for k, v in (diffusion or {}).items() if k in DEFAULT_DIFFUSION}}
+    betas_for(d["noise_schedule"], int(d["diffusion_steps"]))  # validates both
+    return dict(type="VPDiscrete", noise_schedule=d["noise_schedule"], diffusion_steps=int(d["diffusion_steps"]))
+
+
+def released_config(preset: str | None, config, *, presets: Mapping[str, Mapping], class_name: str, what: str,
+                    diffusion_presets: Mapping[str, Mapping] | None = None) -> tuple[str, dict, dict, dict]:
+    """``(class_name, kwargs, diffusion, source)`` of a guided-diffusion network from exactly one of
+    a preset name (``presets``, with ``diffusion_presets``) or ``config``: a dict or JSON file,
+    ``{"class_name", "kwargs", "diffusion"}`` or the constructor kwargs themselves. ``what`` names
+    the network in errors ("ADM", "ADM classifier", ...)."""
+    from jdiffsample.nets import checkpoint
+
+    if (preset is None) == (config is None):
+        raise ValueError("give exactly one of preset or config (--preset NAME or --config FILE)")
+    if preset is not None:
+        if preset not in presets:
+            raise ValueError(f"unknown {what} preset {preset!r}; choose one of {', '.join(presets)}")
+        return class_name, dict(presets[preset]), dict((diffusion_presets or {}).get(preset, {})), dict(preset=preset)
+    cfg = checkpoint.read_json(config, "config")
+    kwargs = cfg["kwargs"] if "kwargs" in cfg else {k: v for k, v in cfg.items() if k not in ("class_name", "diffusion")}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"the config's kwargs must be a JSON object of {class_name} constructor arguments")
+    return cfg.get("class_name", class_name), dict(kwargs), dict(cfg.get("diffusion") or {}), {}
+
+
+def convert_released(src, dst, *, family_name: str, class_name: str, kwargs: Mapping[str, Any], to_variables,
+                     key=None, extra: Mapping[str, Any], overwrite: bool, started: float) -> dict:
+    """Read the state dict ``src`` (``key``: the entry of a wrapped one), match it with
+    ``to_variables(state_dict)`` and write ``dst``; the converters' summary."""
+    from jdiffsample.nets import checkpoint, torchfile
+
+    src = Path(src)
+    if not src.is_file():
+        raise ValueError(f"{src}: no such file")
+    state_dict = torchfile.load_state_dict(src, key=key)
+    variables = to_variables(state_dict)
+    tensors = len(state_dict)
+    del state_dict  # frees the raw checkpoint before writing
+    extra = dict(extra)
+    extra["source"] = dict(kind="state_dict", file=src.name, **extra.get("source", {}))
+    return checkpoint.save_converted(dst, family_name, class_name, kwargs, variables, tensors=tensors,
+                                     started=started, extra=extra, overwrite=overwrite)
+
+
+def convert_diffusion_model(src, dst, *, family_name: str, what: str, build_checked, to_variables,
+                            presets, diffusion_presets, class_name: str, preset=None, config=None, key=None,
+                            noise_schedule=None, diffusion_steps=None, overwrite=False) -> dict:
+    """The converter of a guided-diffusion diffusion model (``UNetModel``, ``SuperResModel``): its
+    kwargs and diffusion settings (``noise_schedule`` / ``diffusion_steps`` override them), checked
+    with ``build_checked(class_name, kwargs)`` before the weights are read."""
+    import time
+
+    started = time.perf_counter()
+    class_name, kwargs, diffusion, source = released_config(
+        preset, config, presets=presets, class_name=class_name, what=what, diffusion_presets=diffusion_presets)
+    if noise_schedule is not None:
+        diffusion["noise_schedule"] = noise_schedule
+    if diffusion_steps is not None:
+        diffusion["diffusion_steps"] = diffusion_steps
+    schedule = diffusion_info(diffusion)
+    build_checked(class_name, kwargs)
+    return convert_released(src, dst, family_name=family_name, class_name=class_name, kwargs=kwargs,
+                            to_variables=lambda sd: to_variables(class_name, kwargs, sd), key=key,
+                            extra=dict(schedule=schedule, source=source), overwrite=overwrite, started=started)
+
+
+def convert(src, dst, *, preset: str | None = None, config=None, key=None, noise_schedule: str | None = None,
+            diffusion_steps: int | None = None, overwrite: bool = False) -> dict:
+    """Convert an openai/guided-diffusion ``UNetModel`` state_dict (``.pt``) to ``dst``.
+
+    Exactly one of ``preset`` (a name in :data:`PRESETS`, with its :data:`DIFFUSION_PRESETS`) or
+    ``config`` (``{"kwargs": {...}, "diffusion": {"noise_schedule", "diffusion_steps"}}`` or the
+    kwargs themselves, a dict or JSON file; diffusion defaults to linear, 1000 steps).
+    ``noise_schedule`` / ``diffusion_steps`` override either; ``key`` picks a wrapped state dict.
+    """
+    return convert_diffusion_model(
+        src, dst, family_name="adm", what="ADM", build_checked=_build_checked,
+        to_variables=lambda class_name, kwargs, sd: convert_state_dict(kwargs, sd), presets=PRESETS,
+        diffusion_presets=DIFFUSION_PRESETS, class_name="UNetModel", preset=preset, config=config, key=key,
+        noise_schedule=noise_schedule, diffusion_steps=diffusion_steps, overwrite=overwrite)
+
+
+def convert_arguments(parser, *, what: str, class_name: str, presets, diffusion: bool = True) -> None:
+    """The converter options of a guided-diffusion network (``--preset | --config``, ``--key``)."""
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help=f"a released {what}: {', '.join(presets)}")
+    which.add_argument("--config", metavar="FILE",
+                       help=f"JSON with the {class_name} kwargs" + (" (and 'diffusion')" if diffusion else ""))
+    if diffusion:
+        parser.add_argument("--noise-schedule", help="override the betas: linear or cosine")
+        parser.add_argument("--diffusion-steps", type=int, help="override the number of training steps")
+    parser.add_argument("--key", help="entry of a wrapped state_dict file (e.g. state_dict)")
+
+
+def discrete_schedule(info: Mapping[str, Any]):
+    """The ``VPDiscrete`` schedule of a config's ``{"type": "VPDiscrete", "noise_schedule", "diffusion_steps"}``."""
+    from jdiffsample import schedules
+
+    if info.get("type") != "VPDiscrete":
+        raise ValueError(f"ADM networks sample on a discrete VP schedule, the config says {info.get('type')!r}")
+    return schedules.VPDiscrete.from_betas(betas_for(info["noise_schedule"], int(info["diffusion_steps"])))
+
+
+def model_steps(x, t, schedule):
+    """The network's timestep argument ``[B]`` for solver time ``t`` of a discrete schedule
+    (DPM-Solver's convention t_n = (n + 1) / N <-> index n, fractional in between)."""
+    return jnp.broadcast_to(jnp.asarray(schedule.model_time(t), jnp.float32), (x.shape[0],))
+
+
+def _denoise(module, variables, x, t, labels, schedule):
+    """Epsilon prediction (the first ``in_channels`` outputs) as a data prediction."""
+    from jdiffsample import models
+
+    eps = module.apply(variables, x, model_steps(x, t, schedule), labels)[..., : module.in_channels]
+    return models.x0_from_eps(x, eps, t, schedule)
+
+
+def _build_checked(class_name, kwargs, dtype=jnp.float32) -> UNetModel:
+    return check_eps(build(kwargs, class_name, dtype=dtype))
+
+
+def check_eps(module) -> UNetModel:
+    """``module`` if epsilon can be read from its outputs (``ValueError`` otherwise)."""
+    if module.out_channels not in (module.in_channels, 2 * module.in_channels):
+        raise ValueError(f"cannot read epsilon from {module.out_channels} output channels "
+                         f"({module.in_channels} input channels)")
+    return module
+
+
+FAMILY = family.Family(
+    name="adm", description="openai/guided-diffusion UNetModel (epsilon prediction, discrete VP schedule)",
+    build=lambda class_name, kwargs, dtype=jnp.float32: _build_checked(class_name, kwargs, dtype),
+    example_inputs=example_inputs, convert=convert,
+    convert_arguments=lambda p: convert_arguments(p, what="model", class_name="UNetModel", presets=PRESETS),
+    schedule_info=lambda class_name, kwargs, extra: diffusion_info(extra.get("diffusion")),
+    schedule=discrete_schedule, denoise=_denoise,
+    sample_shape=lambda m: (m.image_size, m.image_size, m.in_channels),
+    num_classes=lambda m: int(m.num_classes or 0), skip_tuning=True,
+)

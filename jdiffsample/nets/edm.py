@@ -58,20 +58,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from flax.core import FrozenDict
 
-from jdiffsample.nets import torchfile
+from jdiffsample.nets import family, statedict, torchfile
 
 __all__ = [
     "Conv2d",
     "GroupNorm",
+    "group_norm",
+    "attention",
     "UNetBlock",
     "SongUNet",
     "DhariwalUNet",
@@ -82,7 +84,10 @@ __all__ = [
     "FourierEmbedding",
     "positional_embedding",
     "build",
+    "example_inputs",
     "convert_state_dict",
+    "convert",
+    "FAMILY",
 ]
 
 Dtype = Any
@@ -110,17 +115,31 @@ def _depthwise(x: jax.Array, taps: np.ndarray, *, stride: int, padding: int,
         feature_group_count=channels)
 
 
-def _downsample(x: jax.Array, resample_filter: Sequence[int], padding: int) -> jax.Array:
-    """Blur with the filter and keep every second pixel (2x2 mean for ``[1, 1]``)."""
+def downsample(x: jax.Array, resample_filter: Sequence[int], padding: int) -> jax.Array:
+    """Blur with the filter and keep every second pixel (2x2 mean for ``[1, 1]``).
+
+    For ``[1, 1]`` (the default of every EDM/EDM2 network) and even sizes this is a reshape and a
+    sum times 1/4: the depthwise convolution it replaces multiplies each of the same four pixels by
+    the tap 1/4, a power of two, so only the order of the three additions can differ. XLA:CPU runs
+    the depthwise convolution far slower.
+    """
+    b, h, w, c = x.shape
+    if tuple(resample_filter) == (1, 1) and padding == 0 and h % 2 == 0 and w % 2 == 0:
+        return x.reshape(b, h // 2, 2, w // 2, 2, c).sum((2, 4)) * 0.25
     return _depthwise(x, _filter_2d(resample_filter), stride=2, padding=padding)
 
 
-def _upsample(x: jax.Array, resample_filter: Sequence[int]) -> jax.Array:
+def upsample(x: jax.Array, resample_filter: Sequence[int]) -> jax.Array:
     """Transposed stride-2 convolution with ``4 * filter`` (nearest neighbour for ``[1, 1]``).
 
     ``conv_transpose2d(padding=p)`` equals a convolution of the 2x-dilated input, padded by
-    ``F - 1 - p``, with the spatially flipped kernel.
+    ``F - 1 - p``, with the spatially flipped kernel. For ``[1, 1]`` every output pixel is one
+    input pixel times the tap 4/4 = 1, so the nearest-neighbour copy below is exact (and much
+    cheaper than the dilated depthwise convolution).
     """
+    if tuple(resample_filter) == (1, 1):
+        b, h, w, c = x.shape
+        return jnp.broadcast_to(x[:, :, None, :, None], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
     taps = 4 * _filter_2d(resample_filter)[::-1, ::-1]
     pad = len(resample_filter) - 1 - (len(resample_filter) - 1) // 2
     return _depthwise(x, taps, stride=1, padding=pad, lhs_dilation=2)
@@ -154,17 +173,19 @@ class Conv2d(nn.Module):
             weight = weight.astype(self.dtype)
 
         def conv(h, padding):
+            if self.kernel == 1 and padding == 0:
+                return h @ weight[0, 0]  # a 1x1 convolution; XLA:CPU runs the matmul ~2x faster
             return jax.lax.conv_general_dilated(h, weight, (1, 1), [(padding, padding)] * 2,
                                                 dimension_numbers=_NHWC)
 
         if self.fused_down:
             x = conv(x, self.kernel // 2 + f_pad)
-            x = _downsample(x, self.resample_filter, padding=0)
+            x = downsample(x, self.resample_filter, padding=0)
         else:
             if self.up:
-                x = _upsample(x, self.resample_filter)
+                x = upsample(x, self.resample_filter)
             if self.down:
-                x = _downsample(x, self.resample_filter, padding=f_pad)
+                x = downsample(x, self.resample_filter, padding=f_pad)
             if weight is not None:
                 x = conv(x, self.kernel // 2)
         if self.kernel and self.use_bias:
@@ -172,24 +193,46 @@ class Conv2d(nn.Module):
         return x
 
 
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, eps: float) -> jax.Array:
+    """``torch.nn.GroupNorm`` on channels-last ``[B, ..., C]`` (contiguous channel groups); float32.
+
+    Two passes (mean, then the mean square deviation), as numerically safe as the textbook form.
+    Each pass first sums every channel over the pixels (a reduction along the contiguous channel
+    axis that XLA vectorises well), then adds the ``C / groups`` channel sums of a group on the
+    small ``[B, C]`` result; only the order of the additions differs from summing each group at
+    once.
+    """
+    b, c = x.shape[0], x.shape[-1]
+    pixels = tuple(range(1, x.ndim - 1))
+    count = x.size // (b * groups)
+
+    def group_mean(per_channel):  # [B, C] channel sums -> [B, 1.., C] mean of each channel's group
+        sums = per_channel.reshape(b, groups, c // groups).sum(-1, keepdims=True)
+        means = jnp.broadcast_to(sums / count, (b, groups, c // groups))
+        return means.reshape((b,) + (1,) * len(pixels) + (c,))
+
+    mean = group_mean(x.sum(pixels))
+    var = group_mean(jnp.square(x - mean).sum(pixels))
+    return (x - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
+
+
 class GroupNorm(nn.Module):
-    """EDM group norm: ``min(32, C // 4)`` contiguous channel groups, computed in float32."""
+    """Group norm computed in float32 (see :func:`group_norm`), returned in ``dtype``;
+    ``num_groups=None`` is EDM's ``min(32, C // 4)``. Parameters ``scale`` and ``bias``."""
 
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
+    num_groups: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
-        groups = min(32, channels // 4)
+        groups = self.num_groups or min(32, channels // 4)
+        if channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups")
         scale = self.param("scale", nn.initializers.ones, (channels,))
         bias = self.param("bias", nn.initializers.zeros, (channels,))
-        h = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, channels // groups)
-        axes = (1, 2, 4)
-        mean = h.mean(axes, keepdims=True)
-        var = jnp.square(h - mean).mean(axes, keepdims=True)
-        h = ((h - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        return (h * scale + bias).astype(self.dtype)
+        return group_norm(x.astype(jnp.float32), scale, bias, groups, self.eps).astype(self.dtype)
 
 
 def _dense(features: int, name: str, use_bias: bool = True) -> nn.Dense:
@@ -266,14 +309,25 @@ class UNetBlock(nn.Module):
         """Self-attention over all pixels; the qkv channels are interleaved as
         ``(head * ch + c) * 3 + {0: q, 1: k, 2: v}``, as in the original."""
         b, h, w, c = x.shape
-        ch = c // heads
-        qkv = Conv2d(3 * c, 1, dtype=self.dtype, name="qkv")(x).reshape(b, h * w, heads, ch, 3)
-        q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k / math.sqrt(ch),
-                            preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        a = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, h, w, c)
-        return Conv2d(c, 1, dtype=self.dtype, name="proj")(a)
+        qkv = Conv2d(3 * c, 1, dtype=self.dtype, name="qkv")(x)
+        q, k, v = qkv.reshape(b, h * w, heads, c // heads, 3).transpose(4, 0, 2, 1, 3)
+        a = attention(q, k / math.sqrt(c // heads), v)
+        return Conv2d(c, 1, dtype=self.dtype, name="proj")(a.reshape(b, h, w, c))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``softmax(q k^T) v`` per head for ``q``, ``k``, ``v`` laid out ``[B, heads, tokens, ch]``
+    (the caller scales ``q`` or ``k``); logits and softmax in float32. Returns ``[B, tokens,
+    heads * ch]`` in ``v.dtype``.
+
+    The head-major layout makes both products plain batched matmuls, which XLA:CPU fuses with the
+    softmax; ``jax.nn.dot_product_attention`` on ``[B, tokens, heads, ch]`` transposes inside and
+    ran about 2x slower on the CPU.
+    """
+    logits = jnp.einsum("bhqc,bhkc->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bhkc->bhqc", weights, v).transpose(0, 2, 1, 3)
+    return out.reshape(*out.shape[:2], -1)
 
 
 def positional_embedding(x: jax.Array, num_channels: int, max_positions: int = 10000,
@@ -467,7 +521,7 @@ def _block(layer: _Layer, style: _BlockStyle, dtype: Dtype, deterministic: bool)
                      name=layer.name)
 
 
-def _skip_variables(module: nn.Module, names: Sequence[str]) -> list[jax.Array]:
+def skip_variables(module: nn.Module, names: Sequence[str]) -> list[jax.Array]:
     """The Skip-Tuning scales, as variables of ``module`` in the flat ``"skip"`` collection."""
     return [module.variable("skip", n, lambda: jnp.ones((), jnp.float32)).value for n in names]
 
@@ -477,7 +531,7 @@ class _UNet(nn.Module):
 
     def _skip_scales(self, skip_scales: Sequence[jax.Array] | None) -> Sequence[jax.Array]:
         """The given scales, or this module's own ``"skip"`` variables when it is the top level."""
-        return _skip_variables(self, self.skip_names) if skip_scales is None else skip_scales
+        return skip_variables(self, self.skip_names) if skip_scales is None else skip_scales
 
     def _labels(self, class_labels: jax.Array | None, batch: int) -> jax.Array:
         if class_labels is None:
@@ -698,7 +752,7 @@ class _Precond(nn.Module):
 
         unet, kwargs = self._model_spec()
         model = unet(**kwargs, name="model")
-        scales = _skip_variables(self, model.skip_names)
+        scales = skip_variables(self, model.skip_names)
         c_skip, c_out, c_in, c_noise = self._coefficients(sigma)
         c_noise = jnp.broadcast_to(c_noise.reshape(-1), (x.shape[0],))
         f_x = model((c_in * x).astype(self.dtype), c_noise, class_labels, augment_labels,
@@ -853,7 +907,7 @@ def build(class_name: str, kwargs: Mapping[str, Any], *, dtype: Dtype = jnp.floa
     return module
 
 
-def _example_inputs(module: _Precond):
+def example_inputs(module: _Precond):
     x = jnp.zeros((1, module.img_resolution, module.img_resolution, module.img_channels))
     labels = jnp.zeros((1, module.label_dim)) if module.label_dim else None
     return x, jnp.ones((1,)), labels
@@ -877,50 +931,110 @@ def _expected_buffers(module: _Precond) -> dict[str, np.ndarray]:
     return buffers
 
 
-def _listing(keys: Sequence[str], limit: int = 5) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
-    return f"{len(keys)}: {shown}"
-
-
 def convert_state_dict(class_name: str, kwargs: Mapping[str, Any],
                        state_dict: Mapping[str, np.ndarray]) -> dict:
     """Flax ``variables`` ``{"params": ..., "skip": ...}`` from an original EDM ``state_dict``.
 
-    ``state_dict`` maps the original keys (``model.enc.16x16_conv.weight``, ...) to arrays
-    (numpy, or anything ``np.asarray`` accepts). The match is strict: missing keys, unexpected
-    keys, shape mismatches and buffers whose values differ from the constants this port uses
-    raise ``ValueError`` naming them. Parameters are returned as float32 numpy arrays and the
-    Skip-Tuning scales as 1.0.
+    ``state_dict`` maps the original keys (``model.enc.16x16_conv.weight``, ...) to arrays. The
+    match is strict (:func:`jdiffsample.nets.statedict.match`): missing and unexpected keys, shape
+    mismatches and buffers whose values differ from the constants this port uses raise
+    ``ValueError`` naming them. Resampling filters are exact; ``u`` comes from a float32 recursion
+    whose sin() differs by ulps between libraries, which grows to ~3e-5 relative over 1000 steps.
     """
     module = build(class_name, kwargs)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), *_example_inputs(module))
-    abstract_params = traverse_util.flatten_dict(abstract["params"])
-    paths = {torchfile.torch_key(path): path for path in abstract_params}
-    buffers = _expected_buffers(module)
-    shapes = {key: torchfile.torch_shape(path[-1], abstract_params[path].shape)
-              for key, path in paths.items()}
-    shapes.update({key: value.shape for key, value in buffers.items()})
+    abstract = jax.eval_shape(module.init, jax.random.key(0), *example_inputs(module))
+    buffers = {k: (v, 1e-4 if k == "u" else 0.0) for k, v in _expected_buffers(module).items()}
+    return statedict.match(abstract, state_dict, buffers=buffers, what=f"{class_name}({module.model_type})")
 
-    arrays = {k: np.asarray(v) for k, v in state_dict.items() if k in shapes}
-    missing = [k for k in shapes if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in shapes]
-    wrong_shape = [f"{k} {tuple(v.shape)} != {tuple(shapes[k])}" for k, v in arrays.items()
-                   if tuple(v.shape) != tuple(shapes[k])]
-    # Resampling filters are exact; ``u`` comes from a float32 recursion whose sin() differs by
-    # ulps between libraries, which grows to ~3e-5 relative over the 1000 steps.
-    wrong_value = [k for k, v in buffers.items() if k in arrays and arrays[k].shape == v.shape
-                   and not np.allclose(arrays[k], v, rtol=1e-4 if k == "u" else 0, atol=0)]
 
-    problems = [f"{what} ({_listing(keys)})" for what, keys in (
-        ("missing keys", missing), ("unexpected keys", unexpected),
-        ("shape mismatches", wrong_shape), ("buffers differing from their constants", wrong_value))
-        if keys]
-    if problems:
-        raise ValueError(f"state_dict does not fit {class_name}({module.model_type}): "
-                         + "; ".join(problems))
+# ----------------------------------------------------------------------------------------------
+# The family: conversion, schedule and denoiser.
 
-    flat = {path: torchfile.to_flax(path[-1], arrays[key].astype(np.float32))
-            for key, path in paths.items()}
-    skip = {name: np.ones((), np.float32) for name in abstract["skip"]}
-    return {"params": traverse_util.unflatten_dict(flat), "skip": skip}
+#: Default sampling range of EDM networks (NVlabs/edm generate.py), clipped to each
+#: preconditioner's own [sigma_min, sigma_max].
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
+
+
+def convert(src, dst, *, kwargs=None, key=None, overwrite: bool = False) -> dict:
+    """Convert an NVlabs/edm network to a jdiffsample checkpoint at ``dst`` (torch not needed).
+
+    ``src``: an EDM snapshot pickle (``network-snapshot-*.pkl``, ``edm-*.pkl``: class and kwargs are
+    read from it, never executing its embedded source) or a ``torch.save`` state dict (then
+    ``kwargs`` is required). ``kwargs``: ``{"class_name": ..., "kwargs": {...}}`` (a dict or JSON
+    file, like the fixtures' ``config.json``); with a pickle its kwargs override the stored ones.
+    ``key``: the entry of a wrapped state-dict file (e.g. ``"ema"``).
+    """
+    import time
+
+    from jdiffsample.nets import checkpoint
+
+    start = time.perf_counter()
+    src = Path(src)
+    if not src.is_file():
+        raise ValueError(f"{src}: no such file")
+    cfg = checkpoint.read_json(kwargs, "config") if kwargs is not None else None
+    if torchfile.file_kind(src) in ("zip", "legacy"):
+        if cfg is None:
+            raise ValueError(f"{src} is a state_dict file: a config with class_name and kwargs is required "
+                             f"(--kwargs JSON_FILE)")
+        state_dict = torchfile.load_state_dict(src, key=key)
+        class_name, ctor = cfg.get("class_name"), cfg.get("kwargs")
+        source = dict(kind="state_dict", file=src.name)
+    else:
+        class_name, ctor, state_dict = torchfile.load_edm_pickle(src)
+        source = dict(kind="edm_pickle", file=src.name)
+        if cfg is not None:
+            if cfg.get("class_name", class_name) != class_name:
+                raise ValueError(f"config class_name {cfg['class_name']!r} disagrees with the pickle's {class_name!r}")
+            ctor = {**ctor, **cfg.get("kwargs", {})}
+    if not isinstance(class_name, str) or not isinstance(ctor, Mapping):
+        raise ValueError("the config needs a 'class_name' string and a 'kwargs' object")
+    ctor = torchfile.check_edm_class(class_name, ctor)
+    variables = convert_state_dict(class_name, ctor, state_dict)
+    tensors = len(state_dict)
+    del state_dict  # frees the raw checkpoint before writing
+    return checkpoint.save_converted(dst, "edm", class_name, ctor, variables, tensors=tensors, started=start,
+                                     extra=dict(source=source), overwrite=overwrite)
+
+
+def _convert_arguments(parser) -> None:
+    parser.add_argument("--kwargs", metavar="JSON_FILE",
+                        help='{"class_name": ..., "kwargs": {...}} (required for a state_dict .pt)')
+    parser.add_argument("--key", help="entry of a wrapped state_dict file (e.g. ema)")
+
+
+def _schedule_info(class_name: str, kwargs: Mapping[str, Any], extra) -> dict:
+    """EDM's sampling range: generate.py's [0.002, 80] clipped to the network's own range."""
+    module = build(class_name, kwargs)
+    lo, hi = float(module.sigma_min), float(module.sigma_max)
+    return dict(type="VE", sigma_min=max(SIGMA_MIN, lo), sigma_max=min(SIGMA_MAX, hi))
+
+
+def ve_schedule(info: Mapping[str, Any]):
+    """The VE schedule of a config's ``{"type": "VE", "sigma_min", "sigma_max"}``."""
+    from jdiffsample import schedules
+
+    if info.get("type") != "VE":
+        raise ValueError(f"EDM-style networks sample on a VE schedule, the config says {info.get('type')!r}")
+    return schedules.VE(sigma_min=float(info.get("sigma_min", SIGMA_MIN)),
+                        sigma_max=float(info.get("sigma_max", SIGMA_MAX)))
+
+
+def denoise(module, variables, x, t, labels, schedule):
+    """D(x; sigma) with t = sigma (VE) and one-hot labels; -1 (or None) gives the original's
+    all-zero labels. The same call serves EDM2's preconditioned networks."""
+    onehot = None if labels is None else jax.nn.one_hot(labels, module.label_dim, dtype=jnp.float32)
+    sigma = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+    return module.apply(variables, x, sigma, onehot)
+
+
+FAMILY = family.Family(
+    name="edm", description="NVlabs/edm networks (SongUNet DDPM++/NCSN++, DhariwalUNet; VP/VE/iDDPM/EDM precond)",
+    build=lambda class_name, kwargs, dtype=jnp.float32: build(class_name, kwargs, dtype=dtype),
+    example_inputs=example_inputs, convert=convert, convert_arguments=_convert_arguments,
+    schedule_info=_schedule_info, schedule=ve_schedule, denoise=denoise,
+    sample_shape=lambda m: (m.img_resolution, m.img_resolution, m.img_channels),
+    num_classes=lambda m: int(m.label_dim), skip_tuning=True,
+    # the all-zero label is the unconditional model only if training dropped labels
+    has_null_label=lambda m: bool(m.label_dim) and float(m.model_kwargs.get("label_dropout", 0)) > 0,
+)

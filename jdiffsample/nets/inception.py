@@ -17,15 +17,14 @@ Inputs are NHWC images in ``[0, 1]`` of any size; like pytorch-fid the network r
 from __future__ import annotations
 
 from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
-from jdiffsample.nets import torchfile
+from jdiffsample.nets import statedict, torchfile
 
-__all__ = ["InceptionV3", "load_params", "init_shapes", "state_dict_names", "RESOLUTION", "DIM"]
+__all__ = ["InceptionV3", "load_params", "init_shapes", "RESOLUTION", "DIM"]
 
 RESOLUTION = 299
 DIM = 2048
@@ -190,43 +189,20 @@ def init_shapes() -> dict:
     return shapes["params"]
 
 
-def _torch_names() -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """PyTorch state-dict name -> (our flattened parameter path, the PyTorch shape)."""
-    return {torchfile.torch_key(path): (path, torchfile.torch_shape(path[-1], s.shape))
-            for path, s in traverse_util.flatten_dict(init_shapes()).items()}
-
-
-def state_dict_names() -> dict[str, tuple[int, ...]]:
-    """The PyTorch state-dict names this network reads, with their PyTorch shapes."""
-    return {name: shape for name, (_, shape) in _torch_names().items()}
-
-
 def load_params(path_or_state_dict) -> dict:
     """Flax parameters from pytorch-fid's weights file (or an already loaded state dict).
 
     Every tensor the network needs must be present with its shape; ``num_batches_tracked`` and
     the classifier (``fc``) are ignored; anything else is an error (a different network).
     """
-    where = "state dict"
+    what = "pytorch-fid's InceptionV3"
     sd = path_or_state_dict
     if isinstance(sd, (str, Path)):
-        where = str(sd)
+        what = f"pytorch-fid's InceptionV3 ({sd})"
         sd = torchfile.load_state_dict(sd)
-    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked") and k not in _UNUSED}
-    expected = _torch_names()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        raise ValueError(f"{where} is not pytorch-fid's InceptionV3: "
-                         f"{len(missing)} tensors missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-    flat = {}
-    for name, (path, shape) in expected.items():
-        value = np.asarray(sd[name])
-        if value.shape != shape:
-            raise ValueError(f"{where}: {name} has shape {value.shape}, expected {shape}")
-        flat[path] = jnp.asarray(torchfile.to_flax(path[-1], value.astype(np.float32)))
-    return traverse_util.unflatten_dict(flat)
+    ignore = lambda k: k.endswith("num_batches_tracked") or k in _UNUSED  # noqa: E731
+    params = statedict.match({"params": init_shapes()}, sd, ignore=ignore, what=what)["params"]
+    return jax.tree.map(jnp.asarray, params)
 
 
 def features_fn(params):

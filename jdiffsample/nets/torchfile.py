@@ -47,14 +47,13 @@ __all__ = [
     "UnsafeCheckpointError",
     "CheckpointFormatError",
     "SafeUnpickler",
+    "load",
     "load_state_dict",
+    "check_tensors",
     "load_edm_pickle",
     "check_edm_class",
     "file_kind",
     "json_value",
-    "torch_key",
-    "torch_shape",
-    "to_flax",
     "EDM_CLASSES",
 ]
 
@@ -204,7 +203,8 @@ class _ModuleContainer:
 
 
 class _EasyDict(dict):
-    """Stand-in for ``dnnlib.util.EasyDict``: a dict that also accepts BUILD."""
+    """Stand-in for ``dnnlib.util.EasyDict`` and ``argparse.Namespace`` (the ``args`` of DiT's
+    ``train.py`` checkpoints): a dict of the object's attributes, filled by BUILD."""
 
     def __setstate__(self, state):
         if isinstance(state, Mapping):
@@ -356,6 +356,7 @@ def _allowed_globals() -> dict[str, Any]:
         "torch.nn.modules.container.ModuleList": _ModuleContainer,
         "torch.nn.modules.container.Sequential": _ModuleContainer,
         "dnnlib.util.EasyDict": _EasyDict,
+        "argparse.Namespace": _EasyDict,
         "numpy.dtype": np.dtype,
         "numpy.ndarray": np.ndarray,
     }
@@ -706,8 +707,15 @@ def _load_any(f, *, where: str, depth: int = 0, memory=None, use_mmap: bool = Tr
 # public API
 
 
+def load(path, *, mmap: bool = True):
+    """The whole content of a ``torch.save`` file (tensors as NumPy arrays, containers as dicts and
+    lists), read without torch and without running code from it."""
+    with open(path, "rb") as f:
+        return _load_any(f, where=str(path), use_mmap=mmap)
 
-def _check_tensors(sd: Mapping, where: str) -> dict[str, np.ndarray]:
+
+def check_tensors(sd: Mapping, where: str) -> dict[str, np.ndarray]:
+    """``sd`` as ``{name: np.ndarray}``; ``CheckpointFormatError`` naming the first non-tensor."""
     bad = [(k, v) for k, v in sd.items() if not isinstance(v, np.ndarray)]
     if bad:
         k, v = bad[0]
@@ -739,8 +747,7 @@ def load_state_dict(path, key: str | tuple | list | None = None, *, copy: bool =
       CheckpointFormatError: truncated/corrupt file, unsupported content, or not a state dict.
     """
     where = str(path)
-    with open(path, "rb") as f:
-        obj = _load_any(f, where=where, use_mmap=mmap)
+    obj = load(path, mmap=mmap)
     if key is not None:
         for k in (key if isinstance(key, (list, tuple)) else (key,)):
             if not isinstance(obj, Mapping) or k not in obj:
@@ -755,7 +762,7 @@ def load_state_dict(path, key: str | tuple | list | None = None, *, copy: bool =
         raise CheckpointFormatError(
             f"{where}: the top level is not a state dict but wraps one; its entries are "
             f"{list(obj)[:20]}; pass key=... (e.g. key='state_dict' or key='ema')")
-    sd = _check_tensors(obj, where)
+    sd = check_tensors(obj, where)
     if copy:
         sd = {k: np.array(v, order="C") for k, v in sd.items()}
     return sd
@@ -774,35 +781,6 @@ EDM_CLASSES: dict[str, tuple[tuple[str, ...], str]] = {
                     "sigma_max", "sigma_data", "model_type"), "DhariwalUNet"),
 }
 EDM_MODEL_TYPES = ("SongUNet", "DhariwalUNet")
-
-
-# ---------------------------------------------------------------------------------------------
-# PyTorch <-> Flax parameter layout
-
-
-def torch_key(path: tuple[str, ...]) -> str:
-    """The PyTorch state-dict name of a flattened Flax parameter path (``kernel``/``scale`` ->
-    ``weight``; other leaf names are the same on both sides)."""
-    *modules, leaf = path
-    return ".".join((*modules, {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)))
-
-
-def to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
-    """PyTorch layout -> Flax layout: conv OIHW -> HWIO, linear [out, in] -> [in, out]."""
-    if leaf == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)
-    if leaf == "kernel" and value.ndim == 2:
-        return value.T
-    return value
-
-
-def torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The PyTorch shape of the tensor that :func:`to_flax` turns into a parameter of ``shape``."""
-    if leaf == "kernel" and len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    if leaf == "kernel" and len(shape) == 2:
-        return (shape[1], shape[0])
-    return tuple(shape)
 
 
 def json_value(x):

@@ -1,0 +1,129 @@
+"""Helpers shared by the network tests: layouts, errors, and random weights for reference networks."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from conftest import require
+from flax import traverse_util
+
+
+def nchw(a):
+    """NHWC -> NCHW (PyTorch's layout), contiguous."""
+    return np.ascontiguousarray(np.transpose(np.asarray(a), (0, 3, 1, 2)))
+
+
+def rel_err(ours, theirs) -> float:
+    """max |ours - theirs| / max |theirs| (shapes must agree)."""
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def randomize(model, seed: int):
+    """Redraw every parameter of a PyTorch module: norm scales 1 + N(0, 0.2), biases N(0, 0.2),
+    weights N(0, 1/fan_in), so that no layer is zero-initialised."""
+    torch = require("torch")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim == 1:
+                p.copy_((1 if "norm" in name and name.endswith("weight") else 0) + 0.2 * noise)
+            else:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+    return model.eval()
+
+
+def numpy_state_dict(model) -> dict:
+    """A PyTorch module's state dict as NumPy arrays."""
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def expected_keys(module, example_inputs, layout) -> dict:
+    """PyTorch name -> shape of every tensor a converter with ``layout`` expects for ``module``."""
+    abstract = jax.eval_shape(module.init, jax.random.key(0), *example_inputs)
+    return {layout.key(path): tuple(layout.shape(path, leaf.shape))
+            for path, leaf in sorted(traverse_util.flatten_dict(abstract["params"]).items())}
+
+
+def random_state_dict(keys: dict, seed: int = 0) -> dict:
+    """Random PyTorch-layout weights for ``{name: shape}`` (fan-in scaled matrices, norm scales
+    near 1, small biases), the same for every run."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for key, shape in keys.items():
+        noise = rng.standard_normal(shape)
+        value = noise / np.sqrt(np.prod(shape[1:])) if len(shape) > 1 else \
+            noise * 0.1 + (1.0 if key.endswith(".weight") else 0.0)
+        sd[key] = value.astype(np.float32)
+    return sd
+
+
+def check_grad_wrt_times(run, ts0, target, rel: float = 1e-5) -> None:
+    """The gradient of mean((run(ts) - target)^2) with respect to the interior times of ``ts0``
+    equals central finite differences (both jitted, float64)."""
+    import jax.numpy as jnp
+
+    def loss(interior):
+        ts = jnp.concatenate([ts0[:1], interior, ts0[-1:]])
+        return jnp.mean((run(ts) - target) ** 2)
+
+    interior = ts0[1:-1]
+    grad = jax.jit(jax.grad(loss))(interior)
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    compiled = jax.jit(loss)
+    for i in range(interior.shape[0]):
+        eps = 1e-6 * float(interior[i])
+        e = jnp.zeros_like(interior).at[i].set(eps)
+        fd = (compiled(interior + e) - compiled(interior - e)) / (2 * eps)
+        assert abs(float(grad[i]) - float(fd)) < rel * max(1.0, abs(float(fd))), (i, grad[i], fd)
+
+
+def leftovers(dst) -> list:
+    """Anything at ``dst`` or temporary siblings that a failed conversion might leave."""
+    return [p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.") or p == dst]
+
+
+def assert_convert_fails(family: str, src, dst, options, pattern: str, capsys) -> None:
+    """``jdiffsample convert FAMILY SRC DST OPTIONS`` exits 2 with one error line matching
+    ``pattern`` and leaves nothing at ``dst``."""
+    import re
+
+    from jdiffsample import cli
+
+    assert cli.main(["convert", family, str(src), str(dst), *map(str, options)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"jdiffsample convert {family}: error: "), err
+    assert re.search(pattern, err[0]), err
+    assert leftovers(dst) == [], leftovers(dst)
+
+
+def assert_cli_fails(argv, message: str, capsys, *unwritten) -> None:
+    """``jdiffsample ARGV`` exits 2 with one error line containing ``message`` and writes none of
+    the paths ``unwritten``."""
+    from jdiffsample import cli
+
+    assert cli.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not any(p.exists() for p in unwritten), [p for p in unwritten if p.exists()]
+
+
+def converted_fixture(name: str, convert_state_dict):
+    """``(folder, config, variables, io)`` of golden fixture ``name``: its state dict converted with
+    ``convert_state_dict(class_name, kwargs, state_dict)`` and its 4-D arrays made NHWC."""
+    import json
+
+    from conftest import fixture_dir
+
+    from jdiffsample.nets import torchfile
+
+    folder = fixture_dir(name)
+    config = json.loads((folder / "config.json").read_text())
+    variables = convert_state_dict(config["class_name"], config["kwargs"],
+                                   torchfile.load_state_dict(folder / "state_dict.pt"))
+    io = {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in np.load(folder / "io.npz").items()}
+    return folder, config, variables, io

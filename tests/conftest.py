@@ -1,0 +1,121 @@
+"""Shared test setup: where the golden fixtures are, and what happens when they or an optional
+reference package are missing.
+
+The fixtures live in ``../shared/fixtures`` next to the repository (``JDIFFSAMPLE_FIXTURES``
+overrides it). Outside CI a missing fixture or reference package skips the tests that need it;
+with ``CI=true`` (as ``.ci/run`` sets it) it fails them instead, so that a green CI run means
+every test ran.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+# Compiling is most of these tests' time, and nothing they check (agreement with references within
+# tolerances, equality of runs under the same flags) depends on XLA's optimization passes: compile
+# without most of them (about 1.5x faster). The pipeline's determinism tests run their subprocesses
+# with the full optimizations (tests/test_pipeline.py), and the benchmarks measure optimized code.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("JDIFFSAMPLE_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing(reason: str):
+    """Skip the calling test, or fail it under CI."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: missing inputs fail instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+def fixture_dir(name: str) -> Path:
+    """The folder of golden fixture ``name`` (skips, or fails under CI, when it is absent)."""
+    path = FIXTURES / name
+    if not path.is_dir():
+        missing(f"golden fixture {name} not found at {path}")
+    return path
+
+
+def require(module: str):
+    """``pytest.importorskip`` that fails under CI instead of skipping."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as err:
+        missing(f"{module} is not installed ({err})")
+
+
+@pytest.fixture(scope="session")
+def fixtures():
+    """The fixtures folder (skips or fails when it is absent)."""
+    if not FIXTURES.is_dir():
+        missing(f"golden fixtures not found at {FIXTURES}")
+    return FIXTURES
+
+
+def _python_only_torchvision() -> None:
+    """Make ``import torchvision`` give its Python modules without its C++ extension.
+
+    The test references (pytorch-fid's Inception, and diffusers/transformers, which import
+    torchvision when it is installed) need only torchvision's Python model code, but its compiled
+    operators do not load beside the CPU build of torch ("operator torchvision::nms does not
+    exist"). Installed before any test module imports them.
+    """
+    if "torchvision" in sys.modules:
+        return
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        return
+    package = types.ModuleType("torchvision")
+    package.__path__ = [os.path.dirname(spec.origin)]
+    package.__spec__ = spec
+    package.__version__ = importlib.metadata.version("torchvision")
+    sys.modules["torchvision"] = package
+    try:
+        import torchvision.models  # noqa: F401  (only the model definitions)
+
+        package.models = sys.modules["torchvision.models"]
+    except ImportError:
+        del sys.modules["torchvision"]
+
+
+_python_only_torchvision()
+
+
+def activation_dtypes(module, variables, *args, **kwargs) -> dict:
+    """``{dtype name: count}`` over the outputs of every submodule call in ``module.apply``:
+    shows which precision the network actually computed in."""
+    import jax
+
+    _, state = jax.jit(lambda v: module.apply(v, *args, capture_intermediates=True, mutable=["intermediates"],
+                                              **kwargs))(variables)
+    counts: dict = {}
+    for leaf in jax.tree.leaves(state["intermediates"]):
+        counts[leaf.dtype.name] = counts.get(leaf.dtype.name, 0) + 1
+    return counts
+
+
+@pytest.fixture
+def float64():
+    """Run the test with float64 enabled in JAX (``pytestmark = pytest.mark.usefixtures("float64")``)."""
+    from jdiffsample import schedules
+
+    with schedules.float64():
+        yield
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    """A 16-dimensional, 4-component Gaussian mixture: an exact denoiser for solver tests."""
+    import jax
+
+    from jdiffsample import models
+
+    return models.GaussianMixture.random(jax.random.key(0), 16, 4, spread=0.5, var_range=(0.2, 0.6))

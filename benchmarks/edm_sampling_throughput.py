@@ -55,7 +55,7 @@ def main() -> None:
     variables = jax.jit(f32_module.init)(jax.random.key(1), noise[:1], jnp.ones((1,)))
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(variables["params"]))
     print(json.dumps(dict(device=str(jax.devices()[0]), jax=jax.__version__, params=n_params,
-                          batch=batch, steps=args.steps, nfe=solvers.nfe("heun", args.steps, True))))
+                          batch=batch, steps=args.steps, nfe=solvers.get("heun").nfe(args.steps, True))))
 
     outputs = {}
     for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):

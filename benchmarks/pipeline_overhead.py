@@ -41,13 +41,14 @@ def measure(model: str, batch: int, batches: int, repeats: int, workdir: Path) -
     import jax.numpy as jnp
 
     from jdiffsample import nets, pipeline, solvers
+    from jdiffsample.pipeline import output
 
     # one micro-batch per device: the network sees the same per-device shape as the bare call
     sampler = pipeline.Sampler(model, solver=SOLVER, nfe=NFE, batch=batch,
                                micro_batch=batch // jax.local_device_count())
     compile_seconds = sampler.compile()
-    module, variables = nets.load(model)
-    config = nets.load_config(model)
+    net = nets.load_model(model)
+    variables = net.variables
     keys = jax.random.split(jax.random.key(0), batch)
     x = jax.random.normal(jax.random.key(1), (batch, *sampler.image_shape))
     x = x * float(sampler.schedule.sigma(sampler.ts[0]))
@@ -56,7 +57,7 @@ def measure(model: str, batch: int, batches: int, repeats: int, workdir: Path) -
 
     @jax.jit
     def bare(variables, x, labels, keys):
-        denoise, _ = nets.to_denoiser(module, variables, config, labels)
+        denoise = net.with_variables(variables).denoiser(labels)
         return solvers.SOLVERS[SOLVER](denoise, x, ts, sampler.schedule, key=keys)
 
     if len(sampler.devices) > 1:  # the same data-parallel layout as the pipeline
@@ -74,7 +75,7 @@ def measure(model: str, batch: int, batches: int, repeats: int, workdir: Path) -
     def run_pipeline(folder):
         # exactly what generate() times after compiling: batches streamed into atomic shard files
         folder.mkdir()
-        pipeline._run(sampler, folder, pipeline._plan(batches * batch, batch), None)
+        pipeline._run(sampler, folder, output.plan(batches * batch, batch), None, None)
 
     run_bare()  # compile and warm up both
     run_pipeline(workdir / "warmup")
@@ -109,7 +110,7 @@ def main() -> None:
             from jdiffsample import nets
 
             model = str(tmp / "model")
-            nets.convert_edm(FIXTURE / "state_dict.pt", model, FIXTURE / "config.json")
+            nets.convert("edm", FIXTURE / "state_dict.pt", model, kwargs=FIXTURE / "config.json")
         rows = []
         for n in args.devices:
             env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")

@@ -62,19 +62,10 @@ __all__ = [
 Dtype = Any
 
 #: The architectures of the paper (Table 1) and of the original ``DiT_models``.
+_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}  # depth, width, heads
 DIT_CONFIGS: dict[str, dict[str, int]] = {
-    "DiT-XL/2": dict(depth=28, hidden_size=1152, patch_size=2, num_heads=16),
-    "DiT-XL/4": dict(depth=28, hidden_size=1152, patch_size=4, num_heads=16),
-    "DiT-XL/8": dict(depth=28, hidden_size=1152, patch_size=8, num_heads=16),
-    "DiT-L/2": dict(depth=24, hidden_size=1024, patch_size=2, num_heads=16),
-    "DiT-L/4": dict(depth=24, hidden_size=1024, patch_size=4, num_heads=16),
-    "DiT-L/8": dict(depth=24, hidden_size=1024, patch_size=8, num_heads=16),
-    "DiT-B/2": dict(depth=12, hidden_size=768, patch_size=2, num_heads=12),
-    "DiT-B/4": dict(depth=12, hidden_size=768, patch_size=4, num_heads=12),
-    "DiT-B/8": dict(depth=12, hidden_size=768, patch_size=8, num_heads=12),
-    "DiT-S/2": dict(depth=12, hidden_size=384, patch_size=2, num_heads=6),
-    "DiT-S/4": dict(depth=12, hidden_size=384, patch_size=4, num_heads=6),
-    "DiT-S/8": dict(depth=12, hidden_size=384, patch_size=8, num_heads=6),
+    f"DiT-{size}/{patch}": dict(depth=depth, hidden_size=width, patch_size=patch, num_heads=heads)
+    for size, (depth, width, heads) in _SIZES.items() for patch in (2, 4, 8)
 }
 
 #: The original constructor's defaults (DiT-XL/2 on 256px ImageNet latents).

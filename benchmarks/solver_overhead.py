@@ -1,8 +1,9 @@
 """Wall time of one sampling call: jdiffsample (jitted JAX) vs the stepping of diffusers and k-diffusion (PyTorch).
 
 Every side samples a batch of B x 32 x 32 x 3 (B = ``--batch``, default 1, 16 and 64) in float32 with
-NFE 10 on the sigma grid diffusers' DPM-Solver++ builds for DDPM's linear betas (ending at sigma = 0),
-with the same analytic denoiser written once in JAX and once in torch:
+NFE 10 for DDPM's linear betas, on the sigma grid the diffusers scheduler of the row builds (for
+k-diffusion: the one of diffusers' DPM-Solver++, ending at sigma = 0), with the same analytic
+denoiser written once in JAX and once in torch:
 
 * ``gaussian``: D(x, s) = x / (1 + s^2), the exact denoiser of data ~ N(0, I), so that the time
   measured is almost all solver: the loop, its coefficients and its memory traffic;
@@ -115,7 +116,8 @@ def rows(sampling):
         ("SA-Solver(3,4), tau 0", "diffusers",
          lambda: SASolverScheduler(predictor_order=3, corrector_order=4, tau_func=lambda t: 0,
                                    prediction_type="sample"),
-         "sa_solver", dict(predictor_order=3, corrector_order=4, tau=0.0)),
+         # diffusers always uses the rescaled order-2 coefficients of the few-step variant
+         "sa_solver", dict(predictor_order=3, corrector_order=4, tau=0.0, few_steps=True)),
     ]
     if sampling is not None:
         out += [
@@ -183,7 +185,7 @@ def timed(fn):
 
 def bench_row(library, make_reference, solver, options, jax_denoise, torch_denoise, batch, n_steps, repeats):
     """Median seconds of (jdiffsample, reference) and the relative difference of their outputs."""
-    grid = dpm_scheduler(2)()
+    grid = (make_reference if library == "diffusers" else dpm_scheduler(2))()  # the reference's own grid
     grid.set_timesteps(n_steps)
     sigmas = grid.sigmas.clone()
     ts = jnp.asarray(sigmas.numpy())

@@ -59,6 +59,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 #: XLA:CPU compile option that keeps YNNPACK for dots and reductions but leaves convolutions to
 #: Eigen (jaxlib 0.10: this is the default set minus LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION).
@@ -94,24 +95,6 @@ def _checkout(repo: str):
         yield
     finally:
         sys.path.remove(repo)
-
-
-def _python_only_torchvision() -> None:
-    """Let timm and diffusers import torchvision's Python modules without its C++ operators,
-    which do not load beside the CPU build of torch ("operator torchvision::nms does not exist");
-    the same workaround as tests/conftest.py."""
-    import importlib.metadata
-    import importlib.util
-    import types
-
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or "torchvision" in sys.modules:
-        return
-    package = types.ModuleType("torchvision")
-    package.__path__ = [os.path.dirname(spec.origin)]
-    package.__spec__ = spec
-    package.__version__ = importlib.metadata.version("torchvision")
-    sys.modules["torchvision"] = package
 
 
 def _randomize(module, seed: int) -> None:
@@ -400,7 +383,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(threads)
-    _python_only_torchvision()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from _torch_compat import python_only_torchvision  # timm and diffusers without torchvision's C++ ops
+
+    python_only_torchvision()
     print(json.dumps(dict(jax=jax.__version__, torch=torch.__version__, device=str(jax.devices()[0]),
                           threads=threads, torch_threads=torch.get_num_threads(),
                           xla_flags=os.environ.get("XLA_FLAGS", ""))), flush=True)

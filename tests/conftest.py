@@ -9,14 +9,11 @@ every test ran.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
+from _torch_compat import python_only_torchvision
 
 # Compiling is most of these tests' time, and nothing they check (agreement with references within
 # tolerances, equality of runs under the same flags) depends on XLA's optimization passes: compile
@@ -60,33 +57,7 @@ def fixtures():
     return FIXTURES
 
 
-def _python_only_torchvision() -> None:
-    """Make ``import torchvision`` give its Python modules without its C++ extension.
-
-    The test references (pytorch-fid's Inception, and diffusers/transformers, which import
-    torchvision when it is installed) need only torchvision's Python model code, but its compiled
-    operators do not load beside the CPU build of torch ("operator torchvision::nms does not
-    exist"). Installed before any test module imports them.
-    """
-    if "torchvision" in sys.modules:
-        return
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        return
-    package = types.ModuleType("torchvision")
-    package.__path__ = [os.path.dirname(spec.origin)]
-    package.__spec__ = spec
-    package.__version__ = importlib.metadata.version("torchvision")
-    sys.modules["torchvision"] = package
-    try:
-        import torchvision.models  # noqa: F401  (only the model definitions)
-
-        package.models = sys.modules["torchvision.models"]
-    except ImportError:
-        del sys.modules["torchvision"]
-
-
-_python_only_torchvision()
+python_only_torchvision()  # before any test module imports diffusers, transformers or pytorch-fid
 
 
 def activation_dtypes(module, variables, *args, **kwargs) -> dict:

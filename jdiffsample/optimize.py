@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -371,7 +372,19 @@ def _grid_ts(schedule, lams, t_start, t_end):
     return ts
 
 
-def _minimize_bound(lams0, min_gap, tol, *, order, p, trunc, paper, family, maxiter):
+def _jaxopt_run(loss, project, free, maxiter, tol):
+    """``(x, iterations)`` of ``jaxopt.ProjectedGradient`` (acceleration off) from ``free``."""
+    with warnings.catch_warnings():  # jaxopt is unmaintained and says so on import
+        warnings.simplefilter("ignore")
+        import jaxopt
+
+    solver = jaxopt.ProjectedGradient(fun=loss, projection=lambda x, _: project(x), maxiter=maxiter, tol=tol,
+                                      acceleration=False, implicit_diff=False)
+    out = solver.run(free, None)
+    return out.params, out.state.iter_num
+
+
+def _minimize_bound(lams0, min_gap, tol, *, order, p, trunc, paper, family, maxiter, method="pg"):
     """Projected gradient on the gaps: lams = lams0[0] + cumsum(min_gap + free), free on a simplex.
 
     Minimizes the log of the bound (scale-free step sizes), smoothed with delta = ``_SMOOTHING``
@@ -395,6 +408,9 @@ def _minimize_bound(lams0, min_gap, tol, *, order, p, trunc, paper, family, maxi
     def stage(i, carry):
         free, iters = carry
         loss = lambda free: jnp.log(bound(lams_of(free), delta=deltas[i]))  # noqa: E731
+        if method == "jaxopt":
+            x, it = _jaxopt_run(loss, project, free, maxiter, tol)
+            return x, iters + it
         out = _pg_run(jax.value_and_grad(loss), project, _pg_start(free, free.dtype), maxiter, tol)
         return out.x, iters + out.it
 
@@ -418,6 +434,7 @@ def optimize_timesteps(
     min_gap: float = 1e-3,
     maxiter: int = 300,
     tol: float = 1e-6,
+    method: str = "pg",
 ) -> StepOptimResult:
     """Minimize ``surrogate_objective`` over the interior times of an ``n_steps`` grid (endpoints fixed).
 
@@ -427,7 +444,12 @@ def optimize_timesteps(
     search, exact gradients; ``_pg_run``) minimizes the log of the bound, first with |x| smoothed to
     sqrt(x^2 + delta^2) for decreasing delta (the bound has kinks where a node total C_i vanishes),
     then exactly. ``maxiter`` and ``tol`` apply to each of those stages. Runs in float64.
+
+    ``method``: 'pg' (default) runs that method as a small ``lax`` loop; 'jaxopt' runs
+    ``jaxopt.ProjectedGradient`` itself (the same iterates, a larger program: slower to compile).
     """
+    if method not in ("pg", "jaxopt"):
+        raise ValueError(f"unknown method {method!r}; choose 'pg' or 'jaxopt'")
     if init not in timesteps.GRIDS:
         raise ValueError(f"unknown init {init!r}; choose one of {sorted(timesteps.GRIDS)}")
     order = core.check_order("order", order, 1, 3)
@@ -439,7 +461,8 @@ def optimize_timesteps(
     _check_min_gap(min_gap, lams0)
     config = dict(order=order, p=float(p), trunc=trunc, paper=bool(paper), family=_family(schedule))
     lams, objective, init_objective, iters = _on_cpu(
-        _minimize_bound, tuple(config) + ("maxiter",), (lams0, min_gap, tol), maxiter=int(maxiter), **config
+        _minimize_bound, tuple(config) + ("maxiter", "method"), (lams0, min_gap, tol), maxiter=int(maxiter),
+        method=method, **config
     )
     lams = np.asarray(lams, np.float64)
     return StepOptimResult(

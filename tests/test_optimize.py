@@ -167,7 +167,18 @@ def test_as_low_as_scipy_trust_constr(name, n, init):
         assert float(optimize.surrogate_objective(ours.lams, schedule=schedule)) == pytest.approx(ours.objective)
 
 
+def test_jaxopt_method_reaches_the_same_grid():
+    """``method='jaxopt'`` runs jaxopt.ProjectedGradient itself: the grid and the iteration count of
+    the default lax loop (which follows it iterate for iterate, tests/test_performance.py)."""
+    ours = optimize.optimize_timesteps(schedules.VPLinear(), 6, init="uniform")
+    theirs = optimize.optimize_timesteps(schedules.VPLinear(), 6, init="uniform", method="jaxopt")
+    np.testing.assert_allclose(theirs.lams, ours.lams, rtol=0, atol=1e-9)
+    assert theirs.iterations == ours.iterations and theirs.objective == pytest.approx(ours.objective, rel=1e-9)
+
+
 def test_optimize_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="method 'scipy'; choose 'pg' or 'jaxopt'"):
+        optimize.optimize_timesteps(schedules.VPLinear(), 5, method="scipy")
     with pytest.raises(ValueError, match="init"):
         optimize.optimize_timesteps(schedules.VPLinear(), 5, init="sigmoid")
     with pytest.raises(ValueError, match="min_gap"):

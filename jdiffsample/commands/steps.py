@@ -32,6 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--trunc", type=int, default=None,
                         help="steps combined as a root-sum-of-squares (default: 3 for NFE <= 6, else 0)")
     parser.add_argument("--paper", action="store_true", help="the paper's equation instead of the authors' code")
+    parser.add_argument("--optimizer", default="pg", choices=("pg", "jaxopt"),
+                        help="projected gradient as a small lax loop (pg, default) or jaxopt.ProjectedGradient "
+                             "itself (the same iterates; slower to compile)")
     parser.add_argument("--t-start", type=float, default=None, help="first (noisiest) time; default the schedule's")
     parser.add_argument("--t-end", type=float, default=None, help="last time; default the schedule's")
     learned = parser.add_argument_group("learned grid (--learned): on a random Gaussian mixture")
@@ -97,10 +100,10 @@ def run(args) -> int:
     else:
         result = optimize.optimize_timesteps(
             schedule, n_steps, args.t_start, args.t_end, order=order, p=args.p, init=args.init,
-            trunc=args.trunc, paper=args.paper,
+            trunc=args.trunc, paper=args.paper, method=args.optimizer,
         )
         trunc = None if args.paper else (optimize.default_trunc(n_steps) if args.trunc is None else args.trunc)
-        settings.update(method="surrogate", p=args.p, trunc=trunc, paper=args.paper)
+        settings.update(method="surrogate", p=args.p, trunc=trunc, paper=args.paper, optimizer=args.optimizer)
         out = dict(
             times=result.ts.tolist(), lambdas=result.lams.tolist(), objective=result.objective,
             init_objective=result.init_objective, iterations=result.iterations, settings=settings,

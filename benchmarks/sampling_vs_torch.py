@@ -202,7 +202,9 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from _torch_compat import python_only_torchvision  # the originals' imports without torchvision's C++ ops
+    from _torch_compat import (
+        python_only_torchvision,  # the originals' imports without torchvision's C++ ops
+    )
 
     python_only_torchvision()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -414,8 +414,9 @@ class UNet(nn.Module):
                   if self.channel_mult_noise is not None else cblock[0])
         cemb = (self.model_channels * self.channel_mult_emb
                 if self.channel_mult_emb is not None else max(cblock))
-        kw = BlockKwargs(tuple(self.resample_filter), self.channels_per_head, self.dropout,
-                         self.res_balance, self.attn_balance, self.clip_act)
+        # The block kwargs are the UNet's fields of the same names (the original passes them through).
+        kw = BlockKwargs(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BlockKwargs)})
+        kw = dataclasses.replace(kw, resample_filter=tuple(kw.resample_filter))
         if skip_scales is None:
             skip_scales = skip_variables(self, self.skip_names)
 

@@ -38,14 +38,14 @@ from jdiffsample.solvers import registry
 
 # name -> (solver, options, minimum passes of a steady step, what they are)
 MINIMUM = {
-    "UniPC-3 (bh2)": ("unipc", dict(order=3, variant="bh2"), 8,
-                      "read x_prev, D, 3 past D; write corrected x, next x, D into the history"),
+    "UniPC-3 (bh2)": ("unipc", dict(order=3, variant="bh2"), 6,
+                      "read x, D, 3 past D; write next x, D into the history"),
     "DPM-Solver++(2M)": ("dpmpp", dict(order=2), 4, "read x, D, 1 past D; write next x, D into the history"),
     "DPM-Solver++(3M)": ("dpmpp", dict(order=3), 5, "read x, D, 2 past D; write next x, D into the history"),
     "DEIS-tab3": ("deis", dict(order=3, variant="tab"), 5, "read x, E, 2 past E; write next x, E into the history"),
     "iPNDM-4": ("ipndm", dict(order=4), 6, "read x, E, 3 past E; write next x, E into the history"),
-    "SA-Solver(3,4), tau 1": ("sa_solver", dict(predictor_order=3, corrector_order=4, tau=1.0), 10,
-                              "UniPC-3's 8 plus the last noise read (corrector) and this step's written"),
+    "SA-Solver(3,4), tau 1": ("sa_solver", dict(predictor_order=3, corrector_order=4, tau=1.0), 8,
+                              "UniPC-3's 6 plus this step's noise, written once and read once"),
 }
 
 _DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "u64": 8, "s32": 4, "u32": 4, "s16": 2,

@@ -46,9 +46,12 @@ def passes():
 
 
 @pytest.mark.parametrize("solver,options,most", [
-    ("unipc", dict(order=3, variant="bh2"), 13),  # corrected state: x_prev + 4 history reads, 1 write;
-    ("dpmpp", dict(order=2), 6),                  # next state: 1 + 3 (2M: 1 + 2) reads, 1 write;
-    ("deis", dict(order=3, variant="tab"), 8),    # history: the model output (E: with x) in, 1 slot out
+    # next state, the corrected one inside its kernel: x + 4 history reads (2M: x + 2), 1 write;
+    # history: the model output (E: with x) in, 1 slot out
+    ("unipc", dict(order=3, variant="bh2"), 8),
+    ("dpmpp", dict(order=2), 6),
+    ("deis", dict(order=3, variant="tab"), 8),
+    ("sa_solver", dict(predictor_order=3, corrector_order=4, tau=1.0), 18),  # + the threefry draw: 10
 ])
 def test_solver_step_reads_and_writes_each_array_once_per_kernel(passes, solver, options, most):
     total, denoiser, rows = passes(solver, options)

@@ -378,24 +378,23 @@ def multistep(
 
     # The corrector of step k is applied at the start of step k + 1, after the model call at t_{k+1}:
     # its nodes (the target, the current point, the past ones) are then of ages 0, 1, ..., H. Its
-    # first terms are the predictor's, base = mult x + noise xi (the same step from the same state,
-    # with the same draw): with noise the loop carries base (not the state and the draw apart), else
-    # the state, which the next step multiplies (XLA then computes the corrected state once, where
-    # carrying base would have it recompute the corrector in two kernels).
+    # first terms are the predictor's (the same base, mult x_k + noise xi, from the same state with the
+    # same draw), so the corrected state is the predicted one plus the difference of the two weightings:
+    #     x_c = x_eval + wc[k] . (D ages 0..H) - wp[k] . (D ages 1..H).
+    # The loop then carries only the predicted state, and the corrected one lives inside the kernel
+    # that computes the next prediction (one kernel reading x_eval and the history once; XLA:CPU has
+    # no multi-output fusion, so carrying the corrected state cost it a kernel of its own). Steps
+    # without a corrector (step 0 among them) get zero weights: x_c = x_eval.
     use_corrector = max(plan.corr_order) > 0
-    has_corr = np.concatenate([[False], np.asarray(plan.corr_order[:-1]) > 0])
-    # Where a step has no corrector its state is the predicted one, x_eval. Step 0 never has one, and
-    # the carried value it starts with is the initial x = x_eval: the loop reads x_eval only if a
-    # later step lacks one.
-    keep_eval = use_corrector and not has_corr[1:].all()
     if use_corrector:
-        shift = lambda a: jnp.concatenate([jnp.zeros_like(a[:1]), a[:-1]])  # noqa: E731
-        xs.update(c_mult=shift(mult), c_w=shift(wc[:, : hist_len + 1]), has_corr=jnp.asarray(has_corr))
+        has_corr = jnp.asarray(np.asarray(plan.corr_order[:-1]) > 0)[:, None]
+        delta = wc[:-1, : hist_len + 1] - jnp.pad(wp[:-1, :hist_len], ((0, 0), (1, 0)))
+        xs["c_w"] = jnp.concatenate([jnp.zeros_like(delta[:1]), jnp.where(has_corr, delta, 0.0)])
 
     # The weighted sums are written out age by age (in the order of the dot product over the stacked
-    # history they replace), so that XLA fuses them with the rest of the update: one kernel per result
-    # (the corrected state, the next state), reading each array it needs once. A dot product was a
-    # kernel of its own, whose result another kernel read back.
+    # history they replace), so that XLA fuses them with the rest of the update: one kernel per
+    # step, reading each array it needs once. A dot product was a kernel of its own, whose result
+    # another kernel read back.
     def weighted(weights, hist, step, n):
         ages = [jax.lax.dynamic_index_in_dim(hist, (step - a) % slots, keepdims=False) for a in range(n)]
         total = weights[0] * ages[0]
@@ -404,25 +403,20 @@ def multistep(
         return total
 
     def step(carry, s):
-        x_eval, prev, hist = carry
+        x_eval, hist = carry
         m = denoise(x_eval, s["t"]).astype(dtype)
         if noise_form:
             m = (x_eval - s["alpha"] * m) / s["sigma"]
         hist = jax.lax.dynamic_update_index_in_dim(hist, m, s["step"] % slots, 0)
-        x_cur = x_eval
-        if use_corrector:
-            first = prev if stochastic else s["c_mult"] * prev
-            corrected = first + weighted(s["c_w"], hist, s["step"], hist_len + 1)
-            x_cur = jnp.where(s["has_corr"], corrected, x_eval if keep_eval else prev)
+        x_cur = x_eval + weighted(s["c_w"], hist, s["step"], hist_len + 1) if use_corrector else x_eval
         base = s["mult"] * x_cur
         if stochastic:
             base = base + s["noise"] * normal(key, s["step"], x.shape, dtype)
         x_next = base + weighted(s["wp"], hist, s["step"], hist_len)
-        prev = (base if stochastic else x_cur) if use_corrector else None
-        return (x_next, prev, hist), (x_cur if return_trajectory else None)
+        return (x_next, hist), (x_cur if return_trajectory else None)
 
-    init = (x, x if use_corrector else None, jnp.zeros((slots, *x.shape), dtype))
-    (x_final, _, _), traj = jax.lax.scan(step, init, xs)
+    init = (x, jnp.zeros((slots, *x.shape), dtype))
+    (x_final, _), traj = jax.lax.scan(step, init, xs)
     if return_trajectory:
         return jnp.concatenate([traj, x_final[None]])
     return x_final

@@ -27,12 +27,12 @@ with other work, ``--threads 1`` gives the steadier comparison (PyTorch's OpenMP
 down far more than XLA's when a core is taken away).
 
 XLA:CPU backend: jaxlib 0.10 hands float32 convolutions to YNNPACK, which ran 3x3 convolutions
-about 25% slower than Eigen (and than PyTorch's oneDNN) here. ``--compiler-option NAME=VALUE``
-additionally times the Flax forward compiled with that XLA option (``flax_opt_ms``,
-``speed_opt``). This one keeps YNNPACK for matmuls and reductions and gives convolutions to
-Eigen, as ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` does::
-
-    --compiler-option xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT
+slower than Eigen (and than PyTorch's oneDNN) here (``conv_vs_torch.py``), so jdiffsample compiles
+its sampling programs with convolutions given to Eigen on the CPU
+(:mod:`jdiffsample.xla_options`). Each network is therefore timed twice: ``flax_ms`` is
+``jax.jit(module.apply)`` as XLA compiles it by default, ``flax_opt_ms`` (``speed_opt``) the same
+forward with the compile options jdiffsample uses (``xla_opts`` in the first line), or with
+``--compiler-option NAME=VALUE`` (repeatable) instead.
 
 The networks (random weights, float32; ``--batch`` images per forward):
 
@@ -60,11 +60,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-#: XLA:CPU compile option that keeps YNNPACK for dots and reductions but leaves convolutions to
-#: Eigen (jaxlib 0.10: this is the default set minus LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION).
-_NO_YNN_CONV = ("xla_cpu_experimental_ynn_fusion_type="
-                "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
 
 #: Top-level packages of the NVlabs checkouts; edm and edm2 both name them ``training``,
 #: ``torch_utils`` and ``dnnlib``, so they are cleared from ``sys.modules`` between imports.
@@ -300,7 +295,7 @@ def _bench(name, args, threads):
     variables, flax_args = spec["variables"], spec["flax_args"]
     lowered = jax.jit(spec["flax"]).lower(variables, *flax_args)
 
-    # "flax": the default compilation; "flax_opt": with --compiler-option (when given)
+    # "flax": XLA's default compilation; "flax_opt": with jdiffsample's options or --compiler-option
     runs, compile_s = {}, {}
     for kind, options in (("flax", {}), ("flax_opt", args.compiler_options)):
         if kind == "flax_opt" and not options:
@@ -368,8 +363,8 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-4,
                         help="max |flax - torch| / max |torch| for agreement")
     parser.add_argument("--compiler-option", type=_compiler_option, action="append", default=[],
-                        metavar="NAME=VALUE", help="also time the Flax forward compiled with this XLA "
-                        "option (repeatable), e.g. " + _NO_YNN_CONV)
+                        metavar="NAME=VALUE", help="time the second Flax forward with this XLA option "
+                        "(repeatable) instead of jdiffsample's compile options")
     parser.add_argument("--adm-preset", help="a jdiffsample.nets.adm.PRESETS name instead of the "
                         "32x32 configuration")
     parser.add_argument("--dit-arch", default="DiT-S/2")
@@ -382,6 +377,9 @@ def main() -> None:
     import jax
     import torch
 
+    from jdiffsample import xla_options
+
+    args.compiler_options = args.compiler_options or xla_options.compile_options()
     torch.set_num_threads(threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from _torch_compat import python_only_torchvision  # timm and diffusers without torchvision's C++ ops
@@ -389,7 +387,7 @@ def main() -> None:
     python_only_torchvision()
     print(json.dumps(dict(jax=jax.__version__, torch=torch.__version__, device=str(jax.devices()[0]),
                           threads=threads, torch_threads=torch.get_num_threads(),
-                          xla_flags=os.environ.get("XLA_FLAGS", ""))), flush=True)
+                          xla_flags=os.environ.get("XLA_FLAGS", ""), xla_opts=args.compiler_options)), flush=True)
     failed = False
     for name in args.nets:
         record = _bench(name, args, threads)

@@ -48,7 +48,7 @@ def generate(model_dir, prompts: str | Sequence[str], *, negative_prompts=None, 
     import jax
     import jax.numpy as jnp
 
-    from jdiffsample import nets, pipeline
+    from jdiffsample import nets, pipeline, xla_options
     from jdiffsample.pipeline import settings as st
     from jdiffsample.solvers import registry
 
@@ -84,11 +84,14 @@ def generate(model_dir, prompts: str | Sequence[str], *, negative_prompts=None, 
     x = noise * model.schedule.prior_std(ts[0])
     if image is not None:
         ts, x = _from_image(model, image, strength, ts, noise)
-    x = jax.jit(lambda d, x, ts, key: info.fn(d, x, ts, model.schedule, key=key, **info.resolve(options)))(
+    xla = xla_options.compile_options()
+    x = jax.jit(lambda d, x, ts, key: info.fn(d, x, ts, model.schedule, key=key, **info.resolve(options)),
+                compiler_options=xla)(
         denoise, x, jnp.asarray(ts, jnp.float32), jax.random.split(jax.random.key(seed), count))
     if return_latents:
         return np.asarray(x)
-    return np.asarray(jax.jit(lambda m, z: pipeline.program.quantize(m.apply(z, method="decode")))(model, x))
+    decode = jax.jit(lambda m, z: pipeline.program.quantize(m.apply(z, method="decode")), compiler_options=xla)
+    return np.asarray(decode(model, x))
 
 
 def _from_image(model, image, strength: float, ts, noise):

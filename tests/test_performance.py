@@ -199,3 +199,39 @@ def test_cli_builds_only_the_chosen_commands_options(capsys):
     assert "--nfe" in capsys.readouterr().out
     assert cli._chosen(["--no-compilation-cache", "convert", "edm"]) == "convert"
     assert cli._chosen(["--help"]) is None
+
+
+# --------------------------------------------------------------------------------------------
+# XLA compile options of the sampling programs
+
+
+def test_cpu_programs_take_convolutions_from_eigen_where_xla_accepts_it(monkeypatch):
+    from jdiffsample import xla_options
+
+    monkeypatch.delenv("JDIFFSAMPLE_EIGEN_CONV", raising=False)
+    accepted = xla_options._accepted(tuple(xla_options.EIGEN_CONV.items()))
+    assert xla_options.compile_options(jax.devices("cpu")) == (xla_options.EIGEN_CONV if accepted else {})
+    assert not xla_options._accepted((("xla_no_such_option_for_this_test", "1"),))
+    monkeypatch.setenv("JDIFFSAMPLE_EIGEN_CONV", "0")
+    assert xla_options.compile_options(jax.devices("cpu")) == {}
+
+
+def test_eigen_convolutions_agree_with_xlas_default():
+    """Same convolution, other library: equal up to float32 rounding (NHWC, 3x3, 'SAME')."""
+    from jdiffsample import xla_options
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 9, 7, 16)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 16, 8)).astype(np.float32) / 12.0
+    lowered = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))).lower(x, w)
+    default = np.asarray(lowered.compile()(x, w))
+    eigen = np.asarray(lowered.compile(compiler_options=xla_options.EIGEN_CONV)(x, w))
+    reference = np.zeros((2, 9, 7, 8), np.float64)  # the sum written out, in float64
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    for i in range(3):
+        for j in range(3):
+            reference += padded[:, i:i + 9, j:j + 7] @ w[i, j].astype(np.float64)
+    scale = np.abs(reference).max()
+    assert np.abs(default - reference).max() / scale < 1e-6
+    assert np.abs(eigen - reference).max() / scale < 1e-6

@@ -367,3 +367,19 @@ def test_new_labels_seed_and_skip_tuning_do_not_recompile(models, tmp_path):
     first = compile_seconds(lambda: run([1, 2, 3, 4], 0.9, 0))
     second = compile_seconds(lambda: run([5, 6, 7, 8], 0.7, 1))
     assert first > 0 and second < 0.1 * first, (first, second)
+
+
+def test_sampling_programs_compile_with_the_xla_options(models, monkeypatch):
+    """The pipeline's program and jdiffsample.sample compile with xla_options.compile_options():
+    an option XLA does not know must then fail their compilation (and nothing else does)."""
+    import jax
+
+    import jdiffsample
+    from jdiffsample import schedules, timesteps, xla_options
+
+    monkeypatch.setattr(xla_options, "compile_options", lambda devices=None: {"xla_no_such_option_for_this_test": 1})
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option_for_this_test"):
+        pipeline.Sampler(models["cond"], solver="ddim", nfe=2, batch=2)(np.arange(2))
+    schedule = schedules.VE()
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option_for_this_test"):
+        jdiffsample.sample(lambda x, t: x, np.ones((2, 3), np.float32), timesteps.logsnr(schedule, 2), schedule, "ddim")

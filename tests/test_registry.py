@@ -85,7 +85,7 @@ def test_denoiser_pytrees_are_traced_arguments():
         return scale * y / (1.0 + t)
 
     first = jdiffsample.sample(jax.tree_util.Partial(shrink, jnp.float32(0.5)), x, ts, schedule, "ddim")
-    size = jdiffsample.solvers._run._cache_size()
+    size = jdiffsample.solvers._program()._cache_size()
     second = jdiffsample.sample(jax.tree_util.Partial(shrink, jnp.float32(0.25)), x, ts, schedule, "ddim")
-    assert jdiffsample.solvers._run._cache_size() == size
+    assert jdiffsample.solvers._program()._cache_size() == size
     assert not np.allclose(first, second)

@@ -418,12 +418,16 @@ class Sampler:
     def _compile(self) -> float:
         if self._compiled is None:
             args = self._abstract()
-            key = (self.settings.program, tuple(self.devices), self.batch, _signature(args))
+            from jdiffsample import xla_options
+
+            options = xla_options.compile_options(self.devices)
+            key = (self.settings.program, tuple(self.devices), self.batch, _signature(args), tuple(options.items()))
             start = time.perf_counter()
             if key not in _COMPILED:
                 while len(_COMPILED) >= _CACHE_SIZE:
                     _COMPILED.pop(next(iter(_COMPILED)))
-                _COMPILED[key] = _jitted(self.settings.program, self._mesh).lower(*args).compile()
+                lowered = _jitted(self.settings.program, self._mesh).lower(*args)
+                _COMPILED[key] = lowered.compile(compiler_options=options)
             self._compiled = _COMPILED[key]
             self.compile_seconds = time.perf_counter() - start
         return self.compile_seconds

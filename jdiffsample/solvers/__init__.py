@@ -22,6 +22,7 @@ import numpy as np
 import importlib
 import pkgutil
 
+from jdiffsample import xla_options
 from jdiffsample.solvers import core, registry
 from jdiffsample.solvers.registry import Option, get, register
 
@@ -108,11 +109,21 @@ def _freeze(value):
     return value
 
 
-@functools.partial(jax.jit, static_argnames=("solver", "static", "schedule", "options", "return_trajectory"))
 def _run(arrays, x, ts, key, *, solver, static, schedule, options, return_trajectory):
     denoise = combine(arrays, static)
     return registry.get(solver).fn(denoise, x, ts, schedule, key=key, return_trajectory=return_trajectory,
                                    **dict(options))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(xla: tuple):
+    return jax.jit(_run, static_argnames=("solver", "static", "schedule", "options", "return_trajectory"),
+                   compiler_options=dict(xla))
+
+
+def _program():
+    """The jitted sampling program, compiled with :func:`jdiffsample.xla_options.compile_options`."""
+    return _jitted(tuple(xla_options.compile_options().items()))
 
 
 def sample(denoise, x, ts, schedule, solver: str = "unipc", key=None, return_trajectory: bool = False, **options):
@@ -128,5 +139,5 @@ def sample(denoise, x, ts, schedule, solver: str = "unipc", key=None, return_tra
     core.validate(x, ts, schedule, key=key, needs_key=info.needs_key(options))
     frozen = tuple(sorted((k, _freeze(v)) for k, v in options.items()))
     arrays, static = partition(denoise)
-    return _run(arrays, x, ts, key, solver=solver, static=static, schedule=schedule, options=frozen,
-                return_trajectory=return_trajectory)
+    return _program()(arrays, x, ts, key, solver=solver, static=static, schedule=schedule, options=frozen,
+                      return_trajectory=return_trajectory)

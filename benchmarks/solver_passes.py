@@ -150,12 +150,21 @@ def loop_traffic(text: str, state_bytes: int):
     loop = max(loops, key=lambda i: i.bytes)  # the one carrying the state (and its history)
     if loop.bytes < state_bytes:
         raise RuntimeError("no while loop carries the state")
-    body = comps[loop.attr("body")]
+    return _body_traffic(comps, comps[loop.attr("body")], state_bytes)
+
+
+def _body_traffic(comps: dict, body: list, state_bytes: int):
     small = state_bytes // 4  # scalars and coefficient tables: bookkeeping, not passes over the state
     sizes = {i.name: i.bytes if i.bytes >= small else 0 for i in body}
     rows = []
     for instr in body:
         if instr.op in _FREE:
+            continue
+        if instr.op == "while":  # a loop inside a step (JAX's threefry rounds on the CPU): its body, n times
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', instr.attrs)
+            inner = _body_traffic(comps, comps[instr.attr("body")], state_bytes)
+            n = int(trips.group(1)) if trips else 1
+            rows.extend((f"{instr.name}/{name}", f"{op} x{n}", r * n, w * n) for name, op, r, w in inner)
             continue
         if instr.op == "fusion":
             n_read, n_written = _fusion_traffic(comps, instr, sizes, small)

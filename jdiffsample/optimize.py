@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample import timesteps
+from jdiffsample import timesteps, xla_options
 from jdiffsample.schedules import RectifiedFlow, Schedule, float64
 from jdiffsample.solvers import combine, core, partition, registry, sample
 
@@ -639,12 +639,14 @@ def learn_timesteps(
         projection = lambda free: _project_simplex(free, budget)  # noqa: E731
         gaps_of = lambda params: params  # noqa: E731
 
-    @jax.jit
+    xla = xla_options.compile_options()  # these programs run the model
+
+    @functools.partial(jax.jit, compiler_options=xla)
     def update(state, arrays, x, y):  # one more iteration
         value_and_grad = jax.value_and_grad(lambda params: jnp.log(objective(params, arrays, x, y)))
         return _pg_run(value_and_grad, projection, state, state.it + 1, -jnp.inf)
 
-    evaluate, evaluate_mse = jax.jit(objective), jax.jit(mse)
+    evaluate, evaluate_mse = jax.jit(objective, compiler_options=xla), jax.jit(mse, compiler_options=xla)
 
     def errors(params):
         train = float(evaluate(params, arrays, noise, target))
@@ -757,7 +759,8 @@ def gits_costs(denoise, schedule: Schedule, fine_ts, x_init, *, solver: str = "i
     x_init = jnp.asarray(x_init)
     traj = sample(denoise, x_init, fine_ts, schedule, solver, return_trajectory=True, **solver_options)
     arrays, static = partition(denoise)
-    predict = jax.jit(lambda arrays, xs, ts: jax.lax.map(lambda a: combine(arrays, static)(*a), (xs, ts)))
+    predict = jax.jit(lambda arrays, xs, ts: jax.lax.map(lambda a: combine(arrays, static)(*a), (xs, ts)),
+                      compiler_options=xla_options.compile_options())
     data = predict(arrays, traj[:-1], jnp.asarray(fine_ts[:-1], x_init.dtype))
     with float64():
         alpha = np.asarray(schedule.alpha(jnp.asarray(fine_ts)), np.float64)

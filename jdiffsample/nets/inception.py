@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jdiffsample import xla_options
 from jdiffsample.nets import statedict, torchfile
 
 __all__ = ["InceptionV3", "load_params", "init_shapes", "RESOLUTION", "DIM"]
@@ -208,5 +209,5 @@ def load_params(path_or_state_dict) -> dict:
 def features_fn(params):
     """``images [B, H, W, 3] in [0, 1] -> features [B, 2048]``, jitted with the weights as an
     argument (closed over, they would be baked into the compiled program as constants)."""
-    apply = jax.jit(InceptionV3().apply)
+    apply = jax.jit(InceptionV3().apply, compiler_options=xla_options.compile_options())
     return lambda x: apply({"params": params}, x)

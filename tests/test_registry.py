@@ -89,3 +89,21 @@ def test_denoiser_pytrees_are_traced_arguments():
     second = jdiffsample.sample(jax.tree_util.Partial(shrink, jnp.float32(0.25)), x, ts, schedule, "ddim")
     assert jdiffsample.solvers._program()._cache_size() == size
     assert not np.allclose(first, second)
+
+
+def test_sample_runs_inside_the_callers_jit_and_grad(monkeypatch):
+    """jdiffsample.sample compiles with XLA options of its own when called directly; inside a caller's
+    jit (which takes no options of nested ones) or grad it becomes part of the caller's program."""
+    from jdiffsample import xla_options
+
+    monkeypatch.setattr(xla_options, "compile_options", lambda devices=None: dict(xla_options.EIGEN_CONV))
+    schedule = schedules.VE()
+    x = jnp.linspace(-2.0, 2.0, 12).reshape(2, 6)
+    ts = timesteps.logsnr(schedule, 4)
+
+    def run(x):
+        return jdiffsample.sample(lambda y, t: y / (1.0 + t**2), x, ts, schedule, "unipc")
+
+    np.testing.assert_allclose(np.asarray(jax.jit(run)(x)), np.asarray(run(x)), rtol=1e-6)
+    grad = jax.grad(lambda x: run(x).sum())(x)
+    assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0

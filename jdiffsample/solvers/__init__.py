@@ -126,6 +126,15 @@ def _program():
     return _jitted(tuple(xla_options.compile_options().items()))
 
 
+def _call(*args, **kwargs):
+    try:
+        return _program()(*args, **kwargs)
+    except ValueError as err:  # called inside the caller's jit: its program takes no options of ours
+        if "compiler_options" not in str(err):
+            raise
+        return _jitted(())(*args, **kwargs)
+
+
 def sample(denoise, x, ts, schedule, solver: str = "unipc", key=None, return_trajectory: bool = False, **options):
     """Sample with the named solver, jitted (one compile per solver, options, N and shapes).
 
@@ -139,5 +148,5 @@ def sample(denoise, x, ts, schedule, solver: str = "unipc", key=None, return_tra
     core.validate(x, ts, schedule, key=key, needs_key=info.needs_key(options))
     frozen = tuple(sorted((k, _freeze(v)) for k, v in options.items()))
     arrays, static = partition(denoise)
-    return _program()(arrays, x, ts, key, solver=solver, static=static, schedule=schedule, options=frozen,
-                      return_trajectory=return_trajectory)
+    return _call(arrays, x, ts, key, solver=solver, static=static, schedule=schedule, options=frozen,
+                 return_trajectory=return_trajectory)

@@ -1,9 +1,10 @@
 """XLA compile options for programs that run the networks: on the CPU, convolutions from Eigen.
 
 jaxlib 0.10's XLA:CPU hands float32 convolutions to YNNPACK. Measured against PyTorch's oneDNN on
-the project's 2-core machine (``benchmarks/conv_vs_torch.py``), YNNPACK's 3x3 convolutions ran
-0.45-0.73x oneDNN's speed and XLA's Eigen convolutions 0.54-0.99x (1.0-1.2x on one thread); whole
-network forwards gain 10-25% (``benchmarks/forward_vs_torch.py``, docs/performance.md). The option
+the project's 2-core machine (``benchmarks/conv_vs_torch.py``), YNNPACK's 3x3 convolutions ran at
+0.80-0.97x oneDNN's speed on one thread and 0.49-0.70x on two, XLA's Eigen convolutions at
+0.97-1.26x and 0.52-0.94x; the convolutional networks' forwards gain 7-28%
+(``benchmarks/forward_vs_torch.py``, docs/performance.md). The option
 that chooses Eigen is an experimental XLA option, so it is used only on the CPU backend and only
 where this jaxlib accepts it (checked once per process by compiling a one-operation program);
 ``JDIFFSAMPLE_EIGEN_CONV=0`` turns it off. It changes which library computes a convolution, not

@@ -20,6 +20,7 @@ from jdiffsample import nets, pipeline, skip_tuning, timesteps
 
 _seconds: list[float] = []
 _counting = [False]
+_registered: list[bool] = []
 
 
 def _listen(event, duration, **kwargs):
@@ -29,6 +30,9 @@ def _listen(event, duration, **kwargs):
 
 def compile_seconds(fn) -> float:
     """XLA compile seconds spent while ``fn()`` runs."""
+    if not _registered:
+        jax.monitoring.register_event_duration_secs_listener(_listen)
+        _registered.append(True)
     _seconds.clear()
     _counting[0] = True
     try:
@@ -44,7 +48,6 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=32)
     parser.add_argument("--nfe", type=int, default=10)
     args = parser.parse_args()
-    jax.monitoring.register_event_duration_secs_listener(_listen)
 
     out = tempfile.mkdtemp()
     common = dict(num=args.num, solver="unipc", nfe=args.nfe, log=None)

@@ -1,13 +1,23 @@
-"""Helpers shared by the network tests: layouts, errors, and random weights for reference networks."""
+"""Helpers shared by the tests: layouts, errors, random weights for reference networks, and the
+benchmark scripts as modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import jax
 import numpy as np
-from conftest import require
+from conftest import ROOT, require
 from flax import traverse_util
+
+
+def benchmark(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def nchw(a):

@@ -4,29 +4,19 @@ it imports, its persistent compilation cache)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import benchmark
 
 from jdiffsample import cli, optimize, schedules
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _benchmark(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,7 +26,7 @@ def _benchmark(name):
 @pytest.fixture(scope="module")
 def passes():
     """Compiles with XLA's optimizations (conftest turns most of them off for speed)."""
-    counter = _benchmark("solver_passes")
+    counter = benchmark("solver_passes")
     saved = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "").lower() in ("1", "true", "t", "yes", "y", "on")
     jax.config.update("jax_disable_most_optimizations", False)
     try:
@@ -63,7 +53,7 @@ def test_solver_step_reads_and_writes_each_array_once_per_kernel(passes, solver,
 
 def test_pass_counter_sees_copies_and_in_place_updates():
     """The counter itself, on a hand-written loop body: a copy of a [3, N] buffer, an in-place slot update."""
-    counter = _benchmark("solver_passes")
+    counter = benchmark("solver_passes")
     hlo = """
 %fused_update (param_0: f32[3,8], param_1: f32[8], param_2: s32[]) -> f32[3,8] {
   %param_0 = f32[3,8]{1,0} parameter(0)

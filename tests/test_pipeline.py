@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import assert_cli_fails
+from _helpers import assert_cli_fails, benchmark
 
 from jdiffsample import pipeline
 
@@ -330,22 +330,7 @@ def test_new_labels_seed_and_skip_tuning_do_not_recompile(models, tmp_path):
     import jdiffsample
     from jdiffsample import nets, skip_tuning, timesteps
 
-    seconds, active = [], [False]
-
-    def listen(event, duration, **kwargs):
-        if active[0] and event.endswith("backend_compile_duration"):
-            seconds.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-
-    def compile_seconds(fn):
-        seconds.clear()
-        active[0] = True
-        try:
-            fn()
-        finally:
-            active[0] = False
-        return sum(seconds)
+    compile_seconds = benchmark("compile_once").compile_seconds
 
     common = dict(num=6, solver="unipc", nfe=4, micro_batch=MICRO, batch=BATCH, shard_size=SHARD, log=None)
     first = compile_seconds(lambda: pipeline.generate(models["cond"], tmp_path / "a", seed=11, class_labels=[1, 2],

@@ -42,7 +42,8 @@ def state_dict_shapes(family: str) -> dict:
         layout = dit.LAYOUT
         inputs = dit.example_inputs(module)
     else:
-        from jdiffsample.nets import edm2, statedict
+        from jdiffsample.nets import edm2
+        from jdiffsample.nets.formats import statedict
 
         module = edm2.build("Precond", edm2.PRESETS["edm2-img512-xxl"])
         layout = statedict.DEFAULT

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 import jdiffsample
-from jdiffsample import models, schedules, solvers, timesteps
+from jdiffsample import schedules, solvers, testing, timesteps
 
 CONFIGS = [
     ("DDIM", "ddim", {}),
@@ -42,7 +42,7 @@ def main() -> None:
 
     with schedules.float64():
         sch = schedules.get(args.schedule)
-        gmm = models.GaussianMixture.random(jax.random.key(0), args.dim, args.components)
+        gmm = testing.GaussianMixture.random(jax.random.key(0), args.dim, args.components)
         den = gmm.denoiser(sch)
         x = gmm.sample_marginal(jax.random.key(1), args.batch, sch.t_max, sch, dtype=jnp.float64)
         ref = jdiffsample.sample(den, x, timesteps.logsnr(sch, 1000), sch, solver="sa_solver", tau=0.0,

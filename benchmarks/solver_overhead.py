@@ -68,7 +68,7 @@ import torch  # noqa: E402
 from diffusers import DPMSolverMultistepScheduler, SASolverScheduler, UniPCMultistepScheduler  # noqa: E402
 
 import jdiffsample  # noqa: E402
-from jdiffsample import models, schedules  # noqa: E402
+from jdiffsample import schedules, testing  # noqa: E402
 
 IMAGE = (32, 32, 3)
 N_COMPONENTS = 4
@@ -128,7 +128,7 @@ def rows(sampling):
     return out
 
 
-def torch_mixture_denoiser(mixture: models.GaussianMixture):
+def torch_mixture_denoiser(mixture: testing.GaussianMixture):
     """The torch twin of ``GaussianMixture.denoiser(VE())``: E[x0 | x0 + s eps = x], float32."""
     mu = torch.from_numpy(mixture.means.astype(np.float32))
     var = torch.from_numpy(mixture.variances.astype(np.float32))
@@ -159,7 +159,7 @@ def denoisers(names):
     if "gaussian" in names:
         out["gaussian"] = (lambda x, s: x / (1.0 + s**2), torch_gaussian)
     if "mixture" in names:
-        mixture = models.GaussianMixture.random(jax.random.key(0), int(np.prod(IMAGE)), N_COMPONENTS)
+        mixture = testing.GaussianMixture.random(jax.random.key(0), int(np.prod(IMAGE)), N_COMPONENTS)
         out["mixture"] = (mixture.denoiser(schedules.VE()), torch_mixture_denoiser(mixture))
     return out
 

@@ -24,7 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jdiffsample import models, optimize, sample, schedules, timesteps
+from jdiffsample import learn, optimize, sample, schedules, testing, timesteps
 
 SOLVERS = {"unipc": ("UniPC-3", dict(order=3)), "dpmpp": ("DPM-Solver++(3M)", dict(order=3))}
 GRIDS = ("logsnr", "karras", "bound", "learned")
@@ -49,7 +49,7 @@ def main(argv=None):
     jax.config.update("jax_enable_x64", True)  # exact errors: float64 everywhere in this script
     schedule = schedules.VPLinear()
     k_mix, k_train, k_eval = jax.random.split(jax.random.key(args.seed), 3)
-    mixture = models.GaussianMixture.random(k_mix, args.dim, args.components)
+    mixture = testing.GaussianMixture.random(k_mix, args.dim, args.components)
     denoise = mixture.denoiser(schedule)
     t_start = schedule.t_max
     train = mixture.sample_marginal(k_train, args.batch, t_start, schedule, dtype=jnp.float64)
@@ -66,7 +66,7 @@ def main(argv=None):
         bound = optimize.optimize_timesteps(schedule, n, order=3, p=1, init="logsnr").ts
         grids = {"logsnr": timesteps.logsnr(schedule, n), "karras": timesteps.karras(schedule, n), "bound": bound}
         for solver in solvers:
-            learned = optimize.learn_timesteps(
+            learned = learn.learn_timesteps(
                 denoise, schedule, solver, train, grids["logsnr"], maxiter=args.learn_iters, **SOLVERS[solver][1]
             ).ts
             for name, ts in dict(grids, learned=learned).items():

@@ -1,6 +1,7 @@
 """The ``jdiffsample`` command line: one sub-command per module in ``jdiffsample.commands``.
 
-Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int``; its one-line help is
+in :data:`jdiffsample.commands.COMMANDS`. Only the chosen command's module is imported.
 Errors a user can fix are reported as one line on stderr with a non-zero exit status.
 
 Every command keeps JAX's compiled programs in a persistent cache, so that a second process with
@@ -16,12 +17,13 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("sample", "steps", "eval", "convert")
+from jdiffsample.commands import COMMANDS
+
 CACHE_ENV = "JDIFFSAMPLE_COMPILATION_CACHE"
 
 
 def _load(name):
-    return importlib.import_module(f"jdiffsample.commands.{name}")
+    return importlib.import_module(f"jdiffsample.commands.{name}")  # only the chosen command's module
 
 
 def compilation_cache_dir() -> str:
@@ -72,28 +74,35 @@ def main(argv=None) -> int:
                              f"are kept in {compilation_cache_dir()} or $JAX_COMPILATION_CACHE_DIR")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = _chosen(argv)
-    modules = {}
-    for name in COMMANDS:
-        try:
-            module = _load(name)
-        except ModuleNotFoundError as err:
-            if err.name != f"jdiffsample.commands.{name}":
-                raise
-            continue
-        modules[name] = module
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        # Only the chosen command's options are built: some commands discover what they offer by
-        # importing modules (convert imports every network family, and Flax), which other commands
-        # should not pay for at start-up.
+    module = None
+    for name, text in COMMANDS.items():
+        command = sub.add_parser(name, help=text, description=text)
         if name == chosen:
+            module = _load(name)
             module.add_arguments(command)
     args = parser.parse_args(argv)
     configure_compilation_cache(_cache_wanted(args))
     try:
-        return int(modules[args.command].run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"jdiffsample {args.command}: error: {err}", file=sys.stderr)
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"jdiffsample {args.command}: interrupted; {RESUME.get(args.command, 'nothing was left half-written')}",
+              file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:  # bad input, an existing destination, a full disk, a read-only folder
+        print(f"jdiffsample {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+#: what an interrupted command leaves behind, in its own words
+RESUME = {"sample": "finished shards are kept: rerun the same command to resume",
+          "eval": "nothing was written to --out; rerun the same command",
+          "convert": "nothing was written"}
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ same starting noises, labels cycling 0-9 by index, the same uint8 images) and re
 
 Solvers are registry names with options (``dpmpp:order=3``). Grids: every method of
 :mod:`jdiffsample.grids` (``logsnr``, ``karras``, ``optimized``, ``ays``, ``gits``, ``learned``,
-``ld3``, ...); those found on the model's trajectories use their own noises, and each cell reports
-what its grid cost to compute (``grid_seconds``, once per solver and NFE).
+``ld3``, ...): each is the grid ``jdiffsample sample`` makes with the same settings, and each cell
+reports what its grid cost to compute (``grid_seconds``, once per solver and NFE).
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from jdiffsample import fid, metrics, nets, pipeline
+from jdiffsample.pipeline import settings
+from jdiffsample.solvers import registry
 
 __all__ = ["Cell", "Suite", "write_markdown", "write_csv", "read_csv", "plot", "save_grids", "dequantize"]
 
@@ -64,13 +68,17 @@ def _cell_name(solver: str, options: dict, nfe: int, grid: str, rho: float) -> s
 class Suite:
     """Samples, grids and metrics for one network; see the module docstring.
 
+    Every cell is a :class:`jdiffsample.pipeline.Settings` planned and run exactly as ``jdiffsample
+    sample`` plans and runs it (its grid included: a learned or GITS grid is the one ``sample`` would
+    find with the same settings), with labels cycling 0-9 by index.
+
     Args:
       model: bundled model name or checkpoint folder (an 8x8 class-conditional network, 10 classes).
       samples: images per cell; sample i has label i mod 10.
       batch, micro_batch: as for ``jdiffsample sample`` (the images depend on micro_batch only).
-      seed: the base seed of every cell (learned grids train on other noises).
+      seed: the base seed of every cell.
       ref_steps: Heun steps of the reference (NFE ``2 * ref_steps - 1``, Karras grid to 0).
-      learn_batch, learn_iters: noises and iterations for learned grids.
+      learn_batch, learn_iters: warm-up noises and iterations of learned and GITS grids.
       inception: pytorch-fid's InceptionV3 weights file: adds FID to every cell (slow on a CPU).
       fid_reference: FID reference statistics (``.npz`` with ``mu``, ``sigma``); default: the
         Inception statistics of the 1797 real digits.
@@ -83,38 +91,36 @@ class Suite:
                  ref_steps: int = 100, learn_batch: int = 64, learn_iters: int = 30, inception=None,
                  fid_reference=None, micro_batch: int = 64, save_samples=None,
                  log: Callable[[str], None] = print):
-        from jdiffsample import nets
-
-        if samples < 2 or batch < 1:
-            raise ValueError("samples must be >= 2 and batch >= 1")
+        for name, value in (("samples", samples), ("batch", batch), ("ref_steps", ref_steps),
+                            ("micro_batch", micro_batch), ("learn_batch", learn_batch), ("learn_iters", learn_iters)):
+            settings.check_positive_int(name, value)
+        if samples < 2:
+            raise ValueError(f"samples (--samples) must be at least 2, got {samples}")
         self.path = nets.resolve(model)
-        self.model = nets.load_model(self.path)
-        if self.model.num_classes != 10 or tuple(self.model.sample_shape) != (8, 8, 1):
+        config = nets.read_config(self.path)
+        probe = nets.from_config(config, None)
+        if probe.num_classes != 10 or tuple(probe.sample_shape) != (8, 8, 1):
             raise ValueError(f"{self.path}: the digits metrics need an 8x8 single-channel network with 10 classes")
-        self.schedule = self.model.schedule
+        self.schedule = probe.schedule
         self.samples, self.batch, self.micro_batch, self.seed = samples, batch, micro_batch, seed
         self.ref_steps, self.learn_batch, self.learn_iters = ref_steps, learn_batch, learn_iters
         self.save_samples = None if save_samples is None else Path(save_samples)
         self.log = log
         self.labels = np.arange(samples) % 10
-        self._grids: dict = {}
+        self._grid_costs: dict = {}
         self.grid_log: dict = {}
         self.inception, self.fid_reference = None, None
         if inception is not None:
             self._setup_fid(inception, fid_reference)
-        images, seconds = self.sample("heun", {}, 2 * ref_steps - 1, self.grid("karras", "heun", {}, 2 * ref_steps - 1)[0])
+        images, seconds, _ = self.sample("heun", {}, 2 * ref_steps - 1, "karras")
         self.log(f"reference: Heun, {ref_steps} steps (NFE {2 * ref_steps - 1}), {seconds:.1f} s")
         self.reference = dequantize(images)
 
     def _setup_fid(self, weights, reference) -> None:
-        from jdiffsample import fid
-
         self.inception = fid.load_inception(weights)
         if reference is not None:
             self.fid_reference = fid.load_stats(reference)
             return
-        from jdiffsample import metrics
-
         start = time.perf_counter()
         real, _ = metrics.real_digits()
         self.fid_reference = fid.compute_stats(real, self.inception)
@@ -124,91 +130,57 @@ class Suite:
         """FID of ``images`` (in [-1, 1]) against the reference statistics; NaN without Inception."""
         if self.inception is None:
             return float("nan")
-        from jdiffsample import fid
-
         return fid.fid(np.clip(images, -1, 1), self.inception, self.fid_reference)
 
     # -- sampling ---------------------------------------------------------------------------
 
-    def sampler(self, solver: str, options: dict, nfe: int, grid, rho_bottom: float = 1.0):
-        """The :class:`jdiffsample.pipeline.Sampler` of one cell (programs are shared between cells)."""
-        from jdiffsample import pipeline
-
-        sampler = pipeline.Sampler(
-            self.model, solver=solver, options=options, nfe=nfe, grid=grid,
-            skip_tuning=None if rho_bottom == 1.0 else rho_bottom, class_labels=list(range(10)), seed=self.seed,
-            batch=self.batch, micro_batch=self.micro_batch)
-        sampler.model_path = self.path
-        return sampler
+    def settings(self, solver: str, options: dict, nfe: int, grid, rho_bottom: float = 1.0) -> pipeline.Settings:
+        """The settings of one cell: what ``jdiffsample sample --class-labels 0,...,9`` would get."""
+        return pipeline.Settings(solver=solver, options=options, nfe=nfe, grid=grid,
+                                 skip_tuning=None if rho_bottom == 1.0 else rho_bottom, class_labels=tuple(range(10)),
+                                 seed=self.seed, micro_batch=self.micro_batch, learn_iters=self.learn_iters,
+                                 learn_batch=self.learn_batch)
 
     def sample(self, solver: str, options: dict, nfe: int, grid, rho_bottom: float = 1.0,
-               name: str | None = None) -> tuple[np.ndarray, float]:
-        """All ``samples`` uint8 images of one cell and the wall time of sampling them."""
-        from jdiffsample import pipeline
-
-        sampler = self.sampler(solver, options, nfe, grid, rho_bottom)
-        seconds = sampler.compile()
+               name: str | None = None) -> tuple[np.ndarray, float, pipeline.Plan]:
+        """All ``samples`` uint8 images of one cell, the wall time of sampling them, and its plan."""
+        start = time.perf_counter()
+        plan = pipeline.plan(self.path, self.settings(solver, options, nfe, grid, rho_bottom), num=self.samples)
+        stage = plan.stages[0]
+        key = (grid, solver, tuple(sorted(options.items())), stage.n_steps)
+        if key not in self._grid_costs:
+            self._grid_costs[key] = time.perf_counter() - start
+            if grid not in ("logsnr", "karras", "uniform", "quadratic"):
+                self.grid_log[f"{grid}/{registry.get(solver).label(options)}/{stage.n_steps}"] = stage.ts.tolist()
+        runner = pipeline.Runner(plan, batch=self.batch, num=self.samples)
+        seconds = runner.compile()
         if seconds > 0.05:
-            self.log(f"compiled {solver} {options or ''} with {sampler.settings.n_steps} steps in {seconds:.1f} s")
+            self.log(f"compiled {solver} {options or ''} with {stage.n_steps} steps in {seconds:.1f} s")
         start = time.perf_counter()
         if self.save_samples is None:
-            images, _ = sampler(np.arange(self.samples))
+            images, _ = runner(np.arange(self.samples))
         else:
-            images = np.empty((self.samples, *sampler.image_shape), np.uint8)
+            images = np.empty((self.samples, *runner.image_shape), np.uint8)
 
             def keep(indices, batch_images, labels):
                 images[indices] = batch_images
 
-            name = name or _cell_name(solver, options, nfe, sampler.settings.grid, rho_bottom)
-            pipeline.write_run(sampler, self.save_samples / name, num=self.samples, log=None, on_batch=keep)
-        return images, time.perf_counter() - start
-
-    # -- grids ------------------------------------------------------------------------------
-
-    def grid(self, name: str, solver: str, options: dict, nfe: int) -> tuple[np.ndarray, float]:
-        """``(times, seconds)``: grid ``name`` (:mod:`jdiffsample.grids`) for ``solver`` at ``nfe``
-        and what computing it cost (cached: the second cell with it costs nothing)."""
-        import jax
-        import jax.numpy as jnp
-
-        from jdiffsample import grids
-        from jdiffsample.solvers import registry
-
-        info = registry.get(solver)
-        steps, final_zero = info.steps_for_nfe(nfe, zero_end=self.schedule.zero_end)
-        base = steps - 1 if final_zero else steps
-        key = (name, solver, tuple(sorted(options.items())), base)
-        if key not in self._grids:
-            denoise = noise = None
-            if name in grids.NEEDS_MODEL:  # the learning noises differ from the sampled ones
-                n = self.learn_batch
-                noise = jax.random.normal(jax.random.key(self.seed + 1000), (n, 8, 8, 1)) * self.schedule.t_max
-                denoise = self.model.denoiser(labels=jnp.arange(n) % 10)
-            start = time.perf_counter()
-            ts = grids.make(name, self.schedule, base, solver=solver, options=options, denoise=denoise, noise=noise,
-                            learn_iters=self.learn_iters, teacher_steps=self.ref_steps, log=self.log)
-            self._grids[key] = (ts, time.perf_counter() - start)
-            if name not in ("logsnr", "karras", "uniform", "quadratic"):
-                self.grid_log[f"{name}/{info.label(options)}/{base}"] = ts.tolist()
-            cost = self._grids[key][1]
-        else:
-            cost = 0.0
-        ts = self._grids[key][0]
-        return (np.append(ts, 0.0) if final_zero else ts), cost
+            name = name or _cell_name(solver, options, nfe, stage.grid, rho_bottom)
+            pipeline.write_run(runner, self.save_samples / name, num=self.samples, log=None, on_batch=keep)
+        return images, time.perf_counter() - start, plan
 
     # -- cells ------------------------------------------------------------------------------
 
     def cell(self, spec: str, nfe: int, grid: str, rho_bottom: float = 1.0) -> Cell:
         """Sample and score one configuration; ``spec`` is a solver name with options
         (``'dpmpp:order=3'``)."""
-        from jdiffsample import metrics
-        from jdiffsample.solvers import registry
-
         solver, options = registry.parse_spec(spec)
         label = registry.get(solver).label(options)
-        ts, grid_seconds = self.grid(grid, solver, options, nfe)
-        images, seconds = self.sample(solver, options, nfe, ts, rho_bottom,
-                                      name=_cell_name(solver, options, nfe, grid, rho_bottom))
+        seen = set(self._grid_costs)
+        images, seconds, plan = self.sample(solver, options, nfe, grid, rho_bottom,
+                                            name=_cell_name(solver, options, nfe, grid, rho_bottom))
+        key = (grid, solver, tuple(sorted(options.items())), plan.stages[0].n_steps)
+        grid_seconds = self._grid_costs[key] if key not in seen else 0.0
         images = dequantize(images)
         error = float(np.sqrt(np.mean((images - self.reference) ** 2)))
         return Cell(label, nfe, grid, rho_bottom, metrics.digits_fd(images),
@@ -217,8 +189,6 @@ class Suite:
     def baselines(self) -> dict:
         """Digits FD of the reference samples, and of real digits against themselves at this
         sample count (the floor that sampling noise alone gives)."""
-        from jdiffsample import metrics
-
         out = dict(reference_fd=metrics.digits_fd(self.reference),
                    reference_accuracy=metrics.digits_accuracy(self.reference, self.labels))
         if self.inception is not None:
@@ -302,7 +272,7 @@ def write_markdown(cells: list[Cell], path, title: str = "", notes: list[str] = 
 
 def plot(cells: list[Cell], path) -> None:
     """Digits FD and reference error vs NFE, one panel pair per grid (needs matplotlib)."""
-    try:
+    try:  # an optional dependency
         import matplotlib
 
         matplotlib.use("Agg")

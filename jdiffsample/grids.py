@@ -23,6 +23,9 @@ from typing import Callable
 
 import numpy as np
 
+from jdiffsample import learn, optimize, timesteps
+from jdiffsample.solvers import registry
+
 __all__ = ["NAMES", "NEEDS_MODEL", "make", "ays_model"]
 
 MODEL_FREE = ("logsnr", "karras", "uniform", "quadratic", "optimized", "ays")
@@ -32,8 +35,6 @@ NAMES = MODEL_FREE + NEEDS_MODEL
 
 def ays_model(schedule) -> str:
     """The published Align Your Steps schedule whose noise range is ``schedule``'s; ``ValueError``."""
-    from jdiffsample import timesteps
-
     for name in timesteps.AYS_SIGMAS:
         try:
             timesteps.ays(schedule, len(timesteps.AYS_SIGMAS[name]) - 1, model=name)
@@ -53,9 +54,6 @@ def make(name: str, schedule, n_steps: int, *, solver: str, options: dict | None
     needed by :data:`NEEDS_MODEL`; learned grids train ``learn_iters`` iterations against Heun on
     ``teacher_steps`` Karras steps, with the solver's deterministic options.
     """
-    from jdiffsample import timesteps
-    from jdiffsample.solvers import registry
-
     info = registry.get(solver)
     options = dict(options or {})
     if name not in NAMES:
@@ -63,19 +61,15 @@ def make(name: str, schedule, n_steps: int, *, solver: str, options: dict | None
     if name in timesteps.GRIDS:
         return np.asarray(timesteps.get(name, schedule, n_steps), np.float64)
     if name == "optimized":
-        from jdiffsample.optimize import optimize_timesteps
-
-        return np.asarray(optimize_timesteps(schedule, n_steps, order=info.bound_order(options)).ts, np.float64)
+        return np.asarray(optimize.optimize_timesteps(schedule, n_steps, order=info.bound_order(options)).ts, np.float64)
     if name == "ays":
         return timesteps.ays(schedule, n_steps, model=ays_model(schedule))
     if denoise is None or noise is None:
         raise ValueError(f"the {name} grid is found on the model's own trajectories: it needs the model "
                          f"(a denoiser and warm-up noises)")
-    from jdiffsample import optimize
-
     if name == "gits":
         return np.asarray(optimize.gits(denoise, schedule, n_steps, noise).ts, np.float64)
-    result = optimize.learn_timesteps(denoise, schedule, solver, noise, timesteps.logsnr(schedule, n_steps),
+    result = learn.learn_timesteps(denoise, schedule, solver, noise, timesteps.logsnr(schedule, n_steps),
                                       teacher="heun", teacher_steps=teacher_steps, maxiter=learn_iters,
                                       loss="mse" if name == "learned" else "ld3", **info.deterministic(options))
     if log is not None:

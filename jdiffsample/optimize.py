@@ -1,6 +1,6 @@
-"""Optimized time steps: the model-free error bound of Xue et al. (CVPR 2024) and grids learned through a solver.
+"""Optimized time steps: the model-free error bound of Xue et al. (CVPR 2024), and GITS.
 
-Three ways to choose the N + 1 times of a few-step sampler:
+Three ways to choose the N + 1 times of a few-step sampler (the second lives in :mod:`jdiffsample.learn`):
 
 * ``optimize_timesteps`` minimizes ``surrogate_objective``, the bound of "Accelerating Diffusion
   Sampling with Optimized Time Steps" (Xue et al., 2024) on the discretization error of an explicit
@@ -14,7 +14,7 @@ Three ways to choose the N + 1 times of a few-step sampler:
   local errors of Euler steps along the model's own trajectories (forward passes only).
 
 The first two optimize over the lambda gaps of the grid with the endpoints fixed: the gaps minus a minimum
-gap live on a scaled simplex, and a projected-gradient method (``_pg_run``: the method of
+gap live on a scaled simplex, and a projected-gradient method (``pg_run``: the method of
 ``jaxopt.ProjectedGradient`` without acceleration, in a few lines of ``lax``) keeps every iterate a
 valid, strictly monotone grid.
 
@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +51,12 @@ __all__ = [
     "surrogate_objective",
     "StepOptimResult",
     "optimize_timesteps",
-    "LearnResult",
-    "learn_timesteps",
-    "ld3_loss",
-    "ld3_radius",
+    "project_simplex",
+    "pg_start",
+    "pg_run",
+    "grid_lams",
+    "grid_ts",
+    "check_min_gap",
     "GitsResult",
     "gits",
     "gits_costs",
@@ -225,7 +226,7 @@ def surrogate_objective(
 _MAX_HALVINGS = 15  # backtracking steps per iteration at most (jaxopt's maxls)
 
 
-def _project_simplex(v, total):
+def project_simplex(v, total):
     """Euclidean projection of a vector onto {x >= 0, sum(x) = total} (sort and threshold)."""
     u = jnp.sort(v)[::-1]
     excess = jnp.cumsum(u) - total
@@ -238,7 +239,7 @@ def _tree_dot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-class _PGState(NamedTuple):
+class PGState(NamedTuple):
     """x: the iterate, f and g the loss and gradient there; y: the trial point, tried with stepsize s
     after k halvings; fresh: y = x is to be evaluated (a start, no step); it: accepted iterations;
     error: ||x - x_previous|| / (the next stepsize), the stopping criterion."""
@@ -254,13 +255,13 @@ class _PGState(NamedTuple):
     error: jax.Array
 
 
-def _pg_start(x, dtype) -> _PGState:
+def pg_start(x, dtype) -> PGState:
     """A state that evaluates the loss at ``x`` and then steps from stepsize 1."""
     one = jnp.ones((), dtype)
-    return _PGState(x, jnp.inf * one, x, x, one, jnp.asarray(0), jnp.asarray(True), jnp.asarray(0), jnp.inf * one)
+    return PGState(x, jnp.inf * one, x, x, one, jnp.asarray(0), jnp.asarray(True), jnp.asarray(0), jnp.inf * one)
 
 
-def _pg_run(value_and_grad, project, state: _PGState, stop_at, tol) -> _PGState:
+def pg_run(value_and_grad, project, state: PGState, stop_at, tol) -> PGState:
     """Projected-gradient iterations until ``state.it`` reaches ``stop_at`` or the criterion is <= ``tol``.
 
     Each iteration: x' = project(x - s g), with s halved from the stepsize (at most ``_MAX_HALVINGS``
@@ -286,7 +287,7 @@ def _pg_run(value_and_grad, project, state: _PGState, stop_at, tol) -> _PGState:
         s = jnp.where(accept, jnp.where(st.s <= 1e-6, jnp.ones_like(st.s), 2.0 * st.s), st.s)
         s = jnp.where(halve, 0.5 * st.s, s)
         x, f, g = pick(halve, (st.x, st.f, st.g), (st.y, fy, gy))
-        return _PGState(
+        return PGState(
             x=x, f=f, g=g, y=project(tree_map(lambda a, b: a - s * b, x, g)), s=s,
             k=jnp.where(halve, st.k + 1, 0), fresh=jnp.asarray(False), it=st.it + accept,
             error=jnp.where(accept, jnp.sqrt(_tree_dot(d, d)) / s, st.error),
@@ -337,24 +338,19 @@ def _on_cpu(fun, static_argnames: tuple, args: tuple, **static):
     options) on the CPU, in float64."""
     with float64():
         args = jax.device_put(tuple(np.asarray(a, np.float64) for a in args), jax.local_devices(backend="cpu")[0])
-        try:
-            return _jit(fun, static_argnames, True)(*args, **static)
-        except jax.errors.JaxRuntimeError as err:  # an XLA version without these options
-            if "compile option" not in str(err):
-                raise
-            return _jit(fun, static_argnames, False)(*args, **static)
+        return _jit(fun, static_argnames, xla_options.accepted(_FAST_COMPILE))(*args, **static)
 
 
 def _schedule_map(values, *, schedule, method):
     return getattr(schedule, method)(values)
 
 
-def _grid_lams(schedule, ts):
+def grid_lams(schedule, ts):
     return np.asarray(_on_cpu(_schedule_map, ("schedule", "method"), (ts,), schedule=schedule, method="lam"),
                       np.float64)
 
 
-def _check_min_gap(min_gap, lams) -> None:
+def check_min_gap(min_gap, lams) -> None:
     """``min_gap`` must leave room for ``len(lams) - 1`` gaps within the grid's lambda span."""
     n = len(lams) - 1
     span = lams[-1] - lams[0]
@@ -363,7 +359,7 @@ def _check_min_gap(min_gap, lams) -> None:
                          f"got {min_gap}")
 
 
-def _grid_ts(schedule, lams, t_start, t_end):
+def grid_ts(schedule, lams, t_start, t_end):
     ts = np.array(_on_cpu(_schedule_map, ("schedule", "method"), (lams,), schedule=schedule, method="t_from_lam"),
                   np.float64)
     ts[0], ts[-1] = t_start, t_end
@@ -400,7 +396,7 @@ def _minimize_bound(lams0, min_gap, tol, *, order, p, trunc, paper, family, maxi
         return jnp.concatenate([lams0[:1], inner, lams0[-1:]])
 
     def project(free):
-        return _project_simplex(free, budget)
+        return project_simplex(free, budget)
 
     init_bound = bound(lams0, delta=0.0)
     deltas = jnp.asarray(_SMOOTHING) * init_bound / n
@@ -411,7 +407,7 @@ def _minimize_bound(lams0, min_gap, tol, *, order, p, trunc, paper, family, maxi
         if method == "jaxopt":
             x, it = _jaxopt_run(loss, project, free, maxiter, tol)
             return x, iters + it
-        out = _pg_run(jax.value_and_grad(loss), project, _pg_start(free, free.dtype), maxiter, tol)
+        out = pg_run(jax.value_and_grad(loss), project, pg_start(free, free.dtype), maxiter, tol)
         return out.x, iters + out.it
 
     # Start from the initial gaps, moved onto the feasible set (all gaps >= min_gap).
@@ -441,7 +437,7 @@ def optimize_timesteps(
     ``init``: the starting grid, one of ``timesteps.GRIDS`` ('logsnr', 'uniform', 'quadratic',
     'karras'). The lambda gaps are kept >= ``min_gap`` and summing to the span, so every iterate is a
     strictly monotone grid; projected gradient (projection onto the simplex, backtracking line
-    search, exact gradients; ``_pg_run``) minimizes the log of the bound, first with |x| smoothed to
+    search, exact gradients; ``pg_run``) minimizes the log of the bound, first with |x| smoothed to
     sqrt(x^2 + delta^2) for decreasing delta (the bound has kinks where a node total C_i vanishes),
     then exactly. ``maxiter`` and ``tol`` apply to each of those stages. Runs in float64.
 
@@ -457,8 +453,8 @@ def optimize_timesteps(
     n = len(ts0) - 1
     trunc = _check_trunc(n, trunc, paper)
     t_start, t_end = float(ts0[0]), float(ts0[-1])
-    lams0 = _grid_lams(schedule, ts0)
-    _check_min_gap(min_gap, lams0)
+    lams0 = grid_lams(schedule, ts0)
+    check_min_gap(min_gap, lams0)
     config = dict(order=order, p=float(p), trunc=trunc, paper=bool(paper), family=_family(schedule))
     lams, objective, init_objective, iters = _on_cpu(
         _minimize_bound, tuple(config) + ("maxiter", "method"), (lams0, min_gap, tol), maxiter=int(maxiter),
@@ -466,226 +462,13 @@ def optimize_timesteps(
     )
     lams = np.asarray(lams, np.float64)
     return StepOptimResult(
-        ts=_grid_ts(schedule, lams, t_start, t_end), lams=lams, objective=float(objective),
+        ts=grid_ts(schedule, lams, t_start, t_end), lams=lams, objective=float(objective),
         init_objective=float(init_objective), iterations=int(iters),
     )
 
 
 # --------------------------------------------------------------------------------------------
-# Learning a grid through the solver
-
-
-def learned_loss(ts, denoise, schedule: Schedule, solver: str, noise, target, **solver_options):
-    """Mean squared distance between ``solver`` run on the grid ``ts`` from ``noise`` and ``target``.
-
-    Differentiable in ``ts`` (the loss ``learn_timesteps`` minimizes, through the solver's ``lax.scan``).
-    """
-    out = registry.get(solver).fn(denoise, noise, ts, schedule, **solver_options)
-    return jnp.mean(jnp.square(out - target))
-
-
-def _unit_balls(u):
-    """Each sample of ``u`` (leading axis) projected onto the unit L2 ball."""
-    norm = core.safe_sqrt(jnp.sum(jnp.square(u), axis=tuple(range(1, u.ndim)), keepdims=True))
-    return u / jnp.maximum(norm, 1.0)
-
-
-def ld3_radius(schedule: Schedule, noise, t_start, nfe: int) -> float:
-    """LD3's ball radius r sigma(t_start), r = 0.001 d / NFE^2 (d the dimension of one sample), as
-    the authors' code sets ``prior_bound`` (``utils.adjust_hyper``) on the unit-variance latent."""
-    d = int(np.prod(jnp.shape(noise)[1:]))
-    with float64():
-        sigma = float(schedule.sigma(jnp.float64(t_start)))
-    return 0.001 * d / nfe**2 * sigma
-
-
-def ld3_loss(ts, slack, denoise, schedule: Schedule, solver: str, noise, target, radius, **solver_options):
-    """LD3's soft teacher loss (Tong et al., ICLR 2025) for given slack: ``learned_loss`` with the
-    student started from noise + ``radius`` P(slack) instead of the teacher's noise, P the projection
-    of each sample onto the unit L2 ball.
-
-    Minimized over the slack as well (``learn_timesteps(loss='ld3')``), this is LD3's relaxed
-    objective E[min over x' in B(x_T, radius) of d(student(x'), teacher(x_T))]: the student need only
-    reach the teacher's sample from some start near the teacher's (the paper's rationale: a few-step
-    student cannot represent the teacher's map exactly, and the looser target generalizes better).
-    The distance is the squared L2 one (the paper's image experiments use LPIPS). Differentiable in
-    ``ts`` and ``slack``.
-    """
-    start = noise + radius * _unit_balls(slack).astype(noise.dtype)
-    return learned_loss(ts, denoise, schedule, solver, start, target, **solver_options)
-
-
-@dataclasses.dataclass(frozen=True)
-class LearnResult:
-    """A learned grid (``ts``, ``lams``) and its errors against the teacher, before (``init_*``) and
-    after learning: the training loss (the mean squared error, or LD3's soft loss) and the held-out
-    mean squared error (NaN without ``holdout``); ``history`` holds (iteration, train error, held-out
-    error) per progress line."""
-
-    ts: np.ndarray
-    lams: np.ndarray
-    train_error: float
-    holdout_error: float
-    init_train_error: float
-    init_holdout_error: float
-    iterations: int
-    history: tuple
-
-
-def _teacher(denoise, schedule, solver, noise, t_start, t_end, teacher, teacher_steps, solver_options):
-    """The reference solution from ``noise``: the same solver on a fine logSNR grid, or EDM's Heun on
-    a fine Karras grid (``teacher='heun'``)."""
-    if teacher in (None, "same"):
-        ts = timesteps.logsnr(schedule, teacher_steps, t_start, t_end)
-        return sample(denoise, noise, ts, schedule, solver, **solver_options)
-    if teacher == "heun":
-        return sample(denoise, noise, timesteps.karras(schedule, teacher_steps, t_start, t_end), schedule, "heun")
-    raise ValueError(f"teacher must be None, 'same' or 'heun', got {teacher!r}")
-
-
-def learn_timesteps(
-    denoise,
-    schedule: Schedule,
-    solver: str,
-    noise,
-    ts_init,
-    *,
-    teacher: Optional[str] = None,
-    teacher_steps: int = 200,
-    holdout=None,
-    maxiter: int = 100,
-    tol: float = 1e-5,
-    min_gap: float = 1e-3,
-    log_every: int = 10,
-    verbose: bool = False,
-    callback: Optional[Callable] = None,
-    loss: str = "mse",
-    radius: Optional[float] = None,
-    **solver_options,
-) -> LearnResult:
-    """Learn the interior times of ``ts_init`` by minimizing ``learned_loss`` against a teacher.
-
-    ``noise`` [B, ...]: starting states at ``ts_init[0]``; ``holdout``: more starting states, never
-    trained on, whose error shows overfitting. The teacher (``_teacher``: the same solver on
-    ``teacher_steps`` logSNR steps, or ``teacher='heun'``) is computed once for both batches.
-
-    The grid is parameterized by its lambda gaps, kept >= ``min_gap`` and summing to the span
-    (endpoints fixed) on a scaled simplex, and projected gradient (``_pg_run``, backtracking line
-    search) minimizes the log of the loss with gradients through the solver's ``lax.scan``. Every
-    ``log_every`` iterations the errors are recorded, printed with ``verbose`` and passed to
-    ``callback(iteration, ts, train_error, holdout_error)``. Stops after ``maxiter`` iterations or when
-    the projected-gradient residual falls below ``tol``. Runs in the dtype of ``noise``.
-
-    ``loss='ld3'``: LD3's soft teacher loss (``ld3_loss``), minimized jointly over the grid and one
-    slack per training sample in a ball of ``radius`` (default ``ld3_radius``: LD3's 0.001 d / NFE^2
-    times sigma at ``ts_init[0]``), projected like the gaps. The train error is then that loss; the
-    held-out error is always the plain mean squared error from the held-out noises.
-    """
-    if loss not in ("mse", "ld3"):
-        raise ValueError(f"loss must be 'mse' or 'ld3', got {loss!r}")
-    registry.get(solver).resolve(solver_options)  # validate the name and options early
-    noise = jnp.asarray(noise)
-    dtype = noise.dtype
-    ts_init = np.asarray(ts_init, np.float64)
-    core.validate(noise, ts_init, schedule)
-    if schedule.zero_end and ts_init[-1] == 0:
-        raise ValueError("learn_timesteps needs a final time > 0 (lambda is infinite at sigma = 0)")
-    n = len(ts_init) - 1
-    t_start, t_end = float(ts_init[0]), float(ts_init[-1])
-    lams0 = _grid_lams(schedule, ts_init)
-    _check_min_gap(min_gap, lams0)
-    teach = functools.partial(
-        _teacher, denoise, schedule, solver, t_start=t_start, t_end=t_end, teacher=teacher,
-        teacher_steps=teacher_steps, solver_options=solver_options,
-    )
-    target = teach(noise)
-    if holdout is not None:
-        holdout = jnp.asarray(holdout, dtype)
-        holdout_target = teach(holdout)
-
-    lam_start = jnp.asarray(lams0[0], dtype)
-    budget = jnp.asarray(lams0[-1] - lams0[0] - n * min_gap, dtype)
-
-    def ts_of(free):
-        inner = lam_start + jnp.cumsum(min_gap + free[:-1])
-        ts = schedule.t_from_lam(inner).astype(dtype)
-        return jnp.concatenate([jnp.asarray([t_start], dtype), ts, jnp.asarray([t_end], dtype)])
-
-    # The denoiser's arrays (a network's weights) and the batches are arguments of the compiled
-    # steps, not constants baked into them.
-    arrays, static = partition(denoise)
-
-    def mse(free, arrays, x, y):
-        return learned_loss(ts_of(free), combine(arrays, static), schedule, solver, x, y, **solver_options)
-
-    free = _project_simplex(jnp.asarray(np.diff(lams0) - min_gap, dtype), budget)
-    if loss == "ld3":  # params: (gaps, slack), the slack in units of the radius (unit balls)
-        if radius is None:
-            radius = ld3_radius(schedule, noise, t_start, registry.get(solver).nfe(n))
-        radius = jnp.asarray(radius, dtype)
-
-        def objective(params, arrays, x, y):
-            free, slack = params
-            return ld3_loss(ts_of(free), slack, combine(arrays, static), schedule, solver, x, y, radius,
-                            **solver_options)
-
-        def projection(params):
-            return _project_simplex(params[0], budget), _unit_balls(params[1])
-
-        params = (free, jnp.zeros_like(noise))
-        gaps_of = lambda params: params[0]  # noqa: E731
-    else:
-        objective, params = mse, free
-        projection = lambda free: _project_simplex(free, budget)  # noqa: E731
-        gaps_of = lambda params: params  # noqa: E731
-
-    xla = xla_options.compile_options()  # these programs run the model
-
-    @functools.partial(jax.jit, compiler_options=xla)
-    def update(state, arrays, x, y):  # one more iteration
-        value_and_grad = jax.value_and_grad(lambda params: jnp.log(objective(params, arrays, x, y)))
-        return _pg_run(value_and_grad, projection, state, state.it + 1, -jnp.inf)
-
-    evaluate, evaluate_mse = jax.jit(objective, compiler_options=xla), jax.jit(mse, compiler_options=xla)
-
-    def errors(params):
-        train = float(evaluate(params, arrays, noise, target))
-        held = math.nan if holdout is None else float(evaluate_mse(gaps_of(params), arrays, holdout, holdout_target))
-        return train, held
-
-    history = []
-
-    def report(it, params):
-        train, held = errors(params)
-        history.append((it, train, held))
-        if verbose:
-            print(f"learn_timesteps: iter {it:4d}  train {loss} {train:.4e}  held-out mse {held:.4e}", flush=True)
-        if callback is not None:
-            callback(it, np.asarray(ts_of(gaps_of(params)), np.float64), train, held)
-        return train, held
-
-    state = _pg_start(params, dtype)
-    init_train, init_held = train, held = report(0, params)
-    it = 0
-    while it < maxiter:
-        state = update(state, arrays, noise, target)
-        params = state.x
-        it += 1
-        done = not float(state.error) > tol  # converged (or NaN)
-        if it % log_every == 0 or done or it == maxiter:
-            train, held = report(it, params)
-        if done:
-            break
-    inner = lams0[0] + np.cumsum(min_gap + np.asarray(gaps_of(params)[:-1], np.float64))
-    lams = np.concatenate([lams0[:1], inner, lams0[-1:]])
-    return LearnResult(
-        ts=_grid_ts(schedule, lams, t_start, t_end), lams=lams, train_error=train, holdout_error=held,
-        init_train_error=init_train, init_holdout_error=init_held, iterations=it, history=tuple(history),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# GITS: dynamic programming over a fine grid
+# GITS
 
 
 @dataclasses.dataclass(frozen=True)

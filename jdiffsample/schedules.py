@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Schedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "RectifiedFlow", "get", "float64"]
+__all__ = ["Schedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "RectifiedFlow", "get", "float64", "from_config",
+           "guided_diffusion_betas", "diffusers_betas"]
 
 
 def float64():
@@ -82,6 +83,11 @@ class Schedule:
         of unit scale: x_t ~ N(0, alpha^2 + sigma^2) = N(0, 1), as DPM-Solver and diffusers start),
         sigma for VE (EDM's sigma_max * noise)."""
         return self.sigma(t) if self.is_ve else jnp.ones_like(jnp.asarray(t))
+
+    def to_config(self) -> dict:
+        """The schedule as JSON values (``config.json``'s ``schedule``); :func:`from_config` inverts it."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"type": type(self).__name__, **fields}
 
     def check_times(self, ts) -> None:
         """Raise ``ValueError`` if any of the (concrete) times lies outside the domain."""
@@ -171,6 +177,23 @@ class VPDiscrete(Schedule):
     def linear(cls, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
         """DDPM's linear betas (as diffusers' ``beta_schedule='linear'``)."""
         return cls.from_betas(np.linspace(beta_start, beta_end, num_steps, dtype=np.float64))
+
+    @classmethod
+    def from_diffusers(cls, scheduler_config) -> "VPDiscrete":
+        """The schedule of a diffusers scheduler config (``beta_schedule``, ``trained_betas``,
+        ``rescale_betas_zero_snr``: :func:`diffusers_betas`)."""
+        abar = np.cumprod(1.0 - diffusers_betas(scheduler_config))
+        if scheduler_config.get("rescale_betas_zero_snr"):
+            # Lin et al. (2024): sqrt(alpha_bar) shifted and scaled to end at 0; diffusers' samplers
+            # then stand 2**-24 in for the last alpha_bar, and so does this schedule.
+            s = np.sqrt(abar)
+            s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+            abar = s**2
+            abar[-1] = 2.0**-24
+        return cls(abar)
+
+    def to_config(self) -> dict:
+        return {"type": "VPDiscrete", "alphas_cumprod": self.alphas_cumprod.tolist()}
 
     @property
     def num_steps(self) -> int:
@@ -327,6 +350,84 @@ class RectifiedFlow(Schedule):
             raise ValueError(f"flow times must lie in [0, 1) (t = 1 has alpha = 0: start below it), got {ts}")
         if np.any(ts[:-1] == 0):
             raise ValueError("a flow grid may reach t = 0 (sigma = 0) only at its last point")
+
+
+# ---------------------------------------------------------------------------------------------
+# Named beta schedules and configs
+
+
+def guided_diffusion_betas(name: str, num_steps: int) -> np.ndarray:
+    """guided-diffusion's named beta schedules, float64 of shape [num_steps].
+
+    * ``"linear"``: evenly spaced from ``1e-4 * 1000/T`` to ``0.02 * 1000/T`` (inclusive).
+    * ``"cosine"``: ``beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999)`` with
+      ``abar(t) = cos((t + 0.008) / 1.008 * pi/2) ** 2`` (Nichol & Dhariwal, 2021).
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"the number of diffusion steps must be a positive integer, got {num_steps!r}")
+    if name == "linear":
+        scale = 1000.0 / num_steps
+        return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
+    if name == "cosine":
+        t = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+        alpha_bar = np.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
+    raise ValueError(f"unknown beta schedule {name!r}; expected 'linear' or 'cosine'")
+
+
+DIFFUSERS_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def diffusers_betas(config) -> np.ndarray:
+    """float64 betas of a diffusers scheduler config: ``trained_betas``, or ``beta_schedule`` over
+    ``num_train_timesteps`` from ``beta_start`` to ``beta_end``."""
+    n = int(config.get("num_train_timesteps", 1000))
+    if config.get("trained_betas") is not None:
+        return np.asarray(config["trained_betas"], np.float64)
+    kind = config.get("beta_schedule", "linear")
+    start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+    if kind == "linear":
+        return np.linspace(start, end, n, dtype=np.float64)
+    if kind == "scaled_linear":
+        return np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
+    if kind == "squaredcos_cap_v2":
+        return guided_diffusion_betas("cosine", n)
+    raise ValueError(f"scheduler beta_schedule={kind!r} is not supported; allowed: "
+                     f"{', '.join(DIFFUSERS_BETA_SCHEDULES)} or trained_betas")
+
+
+_TYPES = {"VPLinear": VPLinear, "VPCosine": VPCosine, "VE": VE, "RectifiedFlow": RectifiedFlow}
+
+
+def from_config(config) -> Schedule:
+    """The schedule of a ``config.json`` ``schedule`` entry (:meth:`Schedule.to_config`).
+
+    ``VPDiscrete`` also reads the forms earlier checkpoints recorded: guided-diffusion's
+    ``noise_schedule``/``diffusion_steps`` and a diffusers scheduler's beta settings.
+    """
+    if not isinstance(config, dict) or "type" not in config:
+        raise ValueError(f"a schedule config must be a JSON object with a 'type', got {config!r}")
+    kind, rest = config["type"], {k: v for k, v in config.items() if k != "type"}
+    try:
+        if kind == "VPDiscrete":
+            if "alphas_cumprod" in rest:
+                return VPDiscrete(np.asarray(rest["alphas_cumprod"], np.float64))
+            if "noise_schedule" in rest:
+                return VPDiscrete.from_betas(guided_diffusion_betas(rest["noise_schedule"],
+                                                                   int(rest.get("diffusion_steps", 1000))))
+            return VPDiscrete.from_diffusers(rest)
+        if kind not in _TYPES:
+            raise ValueError(f"unknown schedule type {kind!r}; known: {', '.join([*_TYPES, 'VPDiscrete'])}")
+        cls = _TYPES[kind]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in rest.items() if k in names})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the schedule config {_short(config)} is invalid: {err}") from None
+
+
+def _short(config) -> str:
+    text = str(config)
+    return text if len(text) < 120 else text[:117] + "..."
 
 
 _NAMES = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "ve": VE, "edm": VE, "flow": RectifiedFlow}

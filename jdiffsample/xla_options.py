@@ -16,18 +16,23 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["EIGEN_CONV", "compile_options"]
+import jax
+import numpy as np
+
+__all__ = ["EIGEN_CONV", "compile_options", "accepted"]
 
 #: YNNPACK keeps matmuls and reductions (its other defaults in jaxlib 0.10); convolutions go to Eigen.
 EIGEN_CONV = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
+def accepted(options: dict) -> bool:
+    """Whether XLA:CPU compiles a program with ``options`` (unknown options are errors); checked
+    once per process and set of options."""
+    return _accepted(tuple(sorted((k, v) for k, v in options.items())))
+
+
 @functools.lru_cache(maxsize=None)
 def _accepted(options: tuple) -> bool:
-    """Whether XLA:CPU compiles a program with ``options`` (unknown options are errors)."""
-    import jax
-    import numpy as np
-
     zero = jax.device_put(np.float32(0), jax.local_devices(backend="cpu")[0])
     try:
         jax.jit(lambda a: a + 1.0).lower(zero).compile(compiler_options=dict(options))
@@ -39,11 +44,9 @@ def _accepted(options: tuple) -> bool:
 def compile_options(devices=None) -> dict:
     """Compile options for a program running a network on ``devices`` (default: the default
     backend's): :data:`EIGEN_CONV` on the CPU where XLA accepts it, else none."""
-    import jax
-
     if os.environ.get("JDIFFSAMPLE_EIGEN_CONV", "1").strip().lower() in ("0", "false", "no", "off"):
         return {}
     platforms = {d.platform for d in devices} if devices is not None else {jax.default_backend()}
-    if platforms != {"cpu"} or not _accepted(tuple(EIGEN_CONV.items())):
+    if platforms != {"cpu"} or not accepted(EIGEN_CONV):
         return {}
     return dict(EIGEN_CONV)

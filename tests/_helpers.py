@@ -129,7 +129,7 @@ def converted_fixture(name: str, convert_state_dict):
 
     from conftest import fixture_dir
 
-    from jdiffsample.nets import torchfile
+    from jdiffsample.nets.formats import torchfile
 
     folder = fixture_dir(name)
     config = json.loads((folder / "config.json").read_text())
@@ -137,3 +137,13 @@ def converted_fixture(name: str, convert_state_dict):
                                    torchfile.load_state_dict(folder / "state_dict.pt"))
     io = {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in np.load(folder / "io.npz").items()}
     return folder, config, variables, io
+
+
+def pipeline_images(model, indices, *, batch=None, devices=None, **settings):
+    """``(images, labels)`` of sample ``indices`` as ``jdiffsample sample`` makes them with
+    ``settings`` (the plan and runner of one run, without an output folder)."""
+    from jdiffsample import pipeline
+
+    indices = np.asarray(indices)
+    plan = pipeline.plan(model, pipeline.Settings.create(**settings), num=len(indices))
+    return pipeline.Runner(plan, batch=batch, devices=devices, num=len(indices))(indices)

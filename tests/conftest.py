@@ -87,6 +87,6 @@ def mixture():
     """A 16-dimensional, 4-component Gaussian mixture: an exact denoiser for solver tests."""
     import jax
 
-    from jdiffsample import models
+    from jdiffsample import testing
 
-    return models.GaussianMixture.random(jax.random.key(0), 16, 4, spread=0.5, var_range=(0.2, 0.6))
+    return testing.GaussianMixture.random(jax.random.key(0), 16, 4, spread=0.5, var_range=(0.2, 0.6))

@@ -21,7 +21,7 @@ import pytest
 import _torch_pickles as tp
 from conftest import ROOT, fixture_dir
 from jdiffsample import cli, nets, schedules
-from jdiffsample.nets import torchfile
+from jdiffsample.nets.formats import checkpoint, torchfile
 
 EDM_FIXTURES = ["edm_ddpmpp_vp_tiny", "edm_ncsnpp_ve_tiny", "edm_adm_edm_tiny"]
 ADM_FIXTURES = ["adm_guided_tiny"]
@@ -104,7 +104,7 @@ def converted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(converted):
     """nets.load of every converted fixture: {name: (module, variables, config)}."""
-    return {name: (*nets.load(dst), nets.load_config(dst)) for name, (dst, _) in converted.items()}
+    return {name: (*nets.load(dst), nets.read_config(dst)) for name, (dst, _) in converted.items()}
 
 
 @pytest.fixture(scope="module")
@@ -153,18 +153,17 @@ def test_edm_schedule_range(models, loaded):
     """EDM sampling range: generate.py's [0.002, 80] clipped to the preconditioner's own range."""
     schedule = models["edm_ncsnpp_ve_tiny"].schedule
     assert schedule == schedules.VE(sigma_min=0.02, sigma_max=80.0)
-    assert loaded["edm_ncsnpp_ve_tiny"][2]["schedule"] == dict(type="VE", sigma_min=0.02,
-                                                               sigma_max=80.0)
-    assert loaded["edm_adm_edm_tiny"][2]["schedule"] == dict(type="VE", sigma_min=0.002,
-                                                             sigma_max=80.0)
+    assert schedules.from_config(loaded["edm_ncsnpp_ve_tiny"][2]["schedule"]) == schedule
+    assert schedules.from_config(loaded["edm_adm_edm_tiny"][2]["schedule"]) == schedules.VE(sigma_min=0.002,
+                                                                                            sigma_max=80.0)
 
 
 def test_adm_denoiser_uses_eps_half_at_model_time(models, loaded):
     """denoise(x, t_n) with t_n = (n + 1) / N is x0 from the fixture's epsilon at timestep n."""
     _, _, io = _fixture("adm_guided_tiny")
     model = models["adm_guided_tiny"]
-    assert loaded["adm_guided_tiny"][2]["schedule"] == dict(type="VPDiscrete", noise_schedule="linear",
-                                                            diffusion_steps=1000)
+    linear = schedules.VPDiscrete.from_betas(schedules.guided_diffusion_betas("linear", 1000))
+    assert schedules.from_config(loaded["adm_guided_tiny"][2]["schedule"]) == linear
     with pytest.raises(ValueError, match="class-conditional"):
         model.denoiser()
     with pytest.raises(ValueError, match="classifier-free guidance needs .* unconditional mode"):
@@ -223,7 +222,7 @@ def test_synthetic_edm_snapshot_via_cli(tmp_path, loaded):
     r = run_cli("edm", tmp_path / "network-snapshot-000100.pkl", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert not sentinel.exists()
-    config = nets.load_config(tmp_path / "out")
+    config = nets.read_config(tmp_path / "out")
     assert config["kwargs"] == cfg["kwargs"] and config["source"]["kind"] == "edm_pickle"
     _, variables = nets.load(tmp_path / "out")
     _, reference, _ = loaded[name]  # converted from the fixture's state_dict.pt
@@ -303,10 +302,18 @@ def test_cli_existing_destination_is_kept(tmp_path, capsys):
     (dst / "keep.txt").write_text("mine")
     args = [str(folder / "state_dict.pt"), str(dst), "--config", str(folder / "config.json")]
     assert adm(args) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already exists; replace it with --overwrite" in capsys.readouterr().err
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
-    assert adm(args + ["--overwrite", "--noise-schedule", "cosine"]) == 0
-    assert nets.load_config(dst)["schedule"]["noise_schedule"] == "cosine"
+    # --overwrite replaces only a checkpoint folder (or an empty one): never a folder of user files
+    assert adm(args + ["--overwrite"]) == 2
+    assert "is not a jdiffsample checkpoint" in capsys.readouterr().err
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    (dst / "keep.txt").unlink()
+    assert adm(args) == 2  # an empty folder exists too
+    assert adm(args + ["--overwrite"]) == 0
+    assert adm(args + ["--overwrite", "--noise-schedule", "cosine"]) == 0  # a checkpoint: replaced whole
+    cosine = schedules.VPDiscrete.from_betas(schedules.guided_diffusion_betas("cosine", 1000))
+    assert schedules.from_config(nets.read_config(dst)["schedule"]) == cosine
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -343,7 +350,7 @@ def test_save_is_atomic(tmp_path, monkeypatch, exc):
         def close(self):
             pass
 
-    monkeypatch.setattr(nets.checkpoint, "_checkpointer", Failing)
+    monkeypatch.setattr(checkpoint, "_checkpointer", Failing)
     dst = tmp_path / "a" / "b" / "ckpt"
     with pytest.raises(exc):
         nets.save(dst, "edm", "EDMPrecond", {}, _tiny_variables(), extra={"schedule": {}})
@@ -354,7 +361,7 @@ def test_save_load_round_trip_and_errors(tmp_path):
     v = _tiny_variables()
     dst = nets.save(tmp_path / "ck", "adm", "UNetModel", {"image_size": np.int64(8)}, v,
                     extra={"schedule": {"type": "VE"}, "note": "hi"})
-    cfg = nets.load_config(dst)
+    cfg = nets.read_config(dst)
     assert cfg["kwargs"] == {"image_size": 8} and cfg["note"] == "hi"
     umask = os.umask(0)
     os.umask(umask)
@@ -363,7 +370,7 @@ def test_save_load_round_trip_and_errors(tmp_path):
         nets.save(dst, "adm", "UNetModel", {}, v)
     with pytest.raises(ValueError, match="unknown network family 'nope'; choose one of .*adm.*edm"):
         nets.save(tmp_path / "x", "nope", "UNetModel", {}, v)
-    with pytest.raises(ValueError, match="no such directory"):
+    with pytest.raises(ValueError, match="neither a directory nor a bundled model"):
         nets.load(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no config.json"):

@@ -28,7 +28,7 @@ torch = require("torch")
 diffusers = require("diffusers")
 
 import jdiffsample  # noqa: E402
-from jdiffsample import models, schedules  # noqa: E402
+from jdiffsample import schedules, testing  # noqa: E402
 
 RTOL = 1e-6
 BATCH, DIM = 4, 8
@@ -44,7 +44,7 @@ def x64():
 @pytest.fixture(scope="module")
 def mixture():
     """A 3-component Gaussian mixture in dimension 8: its posterior mean is the denoiser."""
-    return models.GaussianMixture.random(jax.random.key(0), DIM, n_components=3)
+    return testing.GaussianMixture.random(jax.random.key(0), DIM, n_components=3)
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ def test_bundled_model_samples_recognisable_digits():
     FD ~5.1. Accuracy alone cannot catch a broken sampler: over-smoothed prototype digits classify
     perfectly (a uniform-t grid: accuracy 1.0, FD 24.7; DDIM with 3 steps: 1.0, FD 11.3), so the FD
     bound is the check that can fail."""
-    config = nets.load_config(DIGITS)
+    config = nets.read_config(DIGITS)
     assert config["class_name"] == "EDMPrecond" and config["kwargs"]["label_dim"] == 10
     size = sum(f.stat().st_size for f in DIGITS.rglob("*") if f.is_file())
     assert size < 5 * 2**20

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jdiffsample
-from jdiffsample import models, optimize, schedules, timesteps
+from jdiffsample import learn, models, optimize, schedules, testing, timesteps
 from jdiffsample.solvers import registry
 
 from conftest import require
@@ -65,7 +65,7 @@ def test_velocity_models(mixture):
     np.testing.assert_allclose(adapted(x, 0.7), jax.jit(mixture.denoiser(sch))(x, 0.7), rtol=1e-12, atol=1e-12)
     # One Gaussian N(mu, v): E[eps - x0 | x_t] in closed form from the joint Gaussian of (x0, eps, x_t).
     mu, v = np.linspace(-1.0, 1.0, 16), 0.3
-    gaussian = models.GaussianMixture(np.ones(1), mu[None], np.full(1, v))
+    gaussian = testing.GaussianMixture(np.ones(1), mu[None], np.full(1, v))
     alpha, sigma = float(sch.alpha(0.7)), float(sch.sigma(0.7))
     expected = (sigma - alpha * v) / (alpha**2 * v + sigma**2) * (x - alpha * mu) - mu
     np.testing.assert_allclose(jax.jit(gaussian.velocity(sch))(x, 0.7), expected, rtol=1e-12, atol=1e-12)
@@ -234,7 +234,7 @@ def test_optimized_and_learned_grids_beat_logsnr_on_flow(mixture):
     res = optimize.optimize_timesteps(sch, 6)
     assert np.all(np.diff(res.ts) < 0) and res.objective < res.init_objective
     assert rmse(res.ts) < rmse(timesteps.logsnr(sch, 6))
-    learned = optimize.learn_timesteps(den, sch, "unipc", train, timesteps.logsnr(sch, 6), holdout=held,
+    learned = learn.learn_timesteps(den, sch, "unipc", train, timesteps.logsnr(sch, 6), holdout=held,
                                        teacher_steps=300, maxiter=5, log_every=5, order=3)
     assert learned.holdout_error < learned.init_holdout_error
     assert rmse(learned.ts) < rmse(timesteps.logsnr(sch, 6))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jdiffsample
-from jdiffsample import models, optimize, schedules, timesteps
+from jdiffsample import learn, optimize, schedules, testing, timesteps
 
 from conftest import require
 
@@ -104,7 +104,7 @@ def test_gits_dp_equals_brute_force(seed):
 def gits_problem():
     with schedules.float64():
         sch = schedules.VE()
-        mixture = models.GaussianMixture.random(jax.random.key(0), 16, 8, var_range=(0.2, 0.6))
+        mixture = testing.GaussianMixture.random(jax.random.key(0), 16, 8, var_range=(0.2, 0.6))
         den = mixture.denoiser(sch)
         warm, held = (mixture.sample_marginal(jax.random.key(k), 64, sch.t_max, sch, dtype=jnp.float64)
                       for k in (1, 2))
@@ -172,7 +172,7 @@ def ld3_problem():
     with schedules.float64():
         sch = schedules.VPLinear()
         keys = jax.random.split(jax.random.key(0), 3)
-        mixture = models.GaussianMixture.random(keys[0], 16, 4)
+        mixture = testing.GaussianMixture.random(keys[0], 16, 4)
         den = mixture.denoiser(sch)
         train, held = (mixture.sample_marginal(k, 64, 1.0, sch, dtype=jnp.float64) for k in keys[1:])
         return sch, den, train, held
@@ -184,8 +184,8 @@ def test_ld3_loss_is_the_soft_teacher_loss_and_differentiable(ld3_problem):
     ts = jnp.asarray(timesteps.logsnr(sch, 5))
     slack = jax.random.normal(jax.random.key(5), x.shape, jnp.float64)
     radius = 0.3
-    ld3 = jax.jit(lambda u: optimize.ld3_loss(ts, u, den, sch, "unipc", x, target, radius))
-    plain = jax.jit(lambda start: optimize.learned_loss(ts, den, sch, "unipc", start, target))
+    ld3 = jax.jit(lambda u: learn.ld3_loss(ts, u, den, sch, "unipc", x, target, radius))
+    plain = jax.jit(lambda start: learn.learned_loss(ts, den, sch, "unipc", start, target))
     # No slack: the plain loss; a slack outside the unit ball is projected onto it.
     assert float(ld3(jnp.zeros_like(x))) == pytest.approx(float(plain(x)), rel=1e-14)
     unit = slack / jnp.linalg.norm(slack, axis=1, keepdims=True)
@@ -194,7 +194,7 @@ def test_ld3_loss_is_the_soft_teacher_loss_and_differentiable(ld3_problem):
     @jax.jit
     def loss(interior, u):
         grid = jnp.concatenate([ts[:1], interior, ts[-1:]])
-        return optimize.ld3_loss(grid, u, den, sch, "unipc", x, target, radius)
+        return learn.ld3_loss(grid, u, den, sch, "unipc", x, target, radius)
 
     u = 0.5 * unit
     g_ts, g_u = jax.grad(loss, argnums=(0, 1))(ts[1:-1], u)
@@ -212,14 +212,14 @@ def test_learning_with_ld3_lowers_held_out_error(ld3_problem):
     plain MSE; at LD3's default radius, 6.4e-4 here, the two coincide)."""
     sch, den, train, held = ld3_problem
     ts0 = timesteps.logsnr(sch, 5)
-    res = optimize.learn_timesteps(den, sch, "unipc", train, ts0, holdout=held, teacher_steps=200, maxiter=20,
+    res = learn.learn_timesteps(den, sch, "unipc", train, ts0, holdout=held, teacher_steps=200, maxiter=20,
                                    loss="ld3", radius=0.5, order=3)
     assert np.all(np.diff(res.ts) < 0) and res.ts[0] == ts0[0] and res.ts[-1] == ts0[-1]
     assert res.holdout_error < 0.2 * res.init_holdout_error
     assert res.train_error < res.init_train_error
-    assert optimize.ld3_radius(sch, train, 1.0, 5) == pytest.approx(0.001 * 16 / 25 * float(sch.sigma(1.0)))
+    assert learn.ld3_radius(sch, train, 1.0, 5) == pytest.approx(0.001 * 16 / 25 * float(sch.sigma(1.0)))
     with pytest.raises(ValueError, match="loss must be 'mse' or 'ld3'"):
-        optimize.learn_timesteps(den, sch, "unipc", train, ts0, loss="lpips")
+        learn.learn_timesteps(den, sch, "unipc", train, ts0, loss="lpips")
 
 
 # -- every grid method by name, in the pipeline and eval ------------------------------------------

@@ -13,7 +13,7 @@ from conftest import fixture_dir
 from _helpers import assert_cli_fails
 
 import jdiffsample
-from jdiffsample import cli, models, nets, pipeline, schedules, timesteps
+from jdiffsample import cli, guidance, nets, pipeline, schedules, testing, timesteps
 
 DATA = Path(__file__).parent / "data"
 
@@ -50,7 +50,7 @@ def test_exact_classifier_at_scale_one_samples_the_class():
     guided ODE sampling at scale 1 draws from the component; at scale 0 it is unguided sampling."""
     with schedules.float64():
         schedule = schedules.VPLinear()
-        mixture = models.GaussianMixture(np.array([0.5, 0.3, 0.2]),
+        mixture = testing.GaussianMixture(np.array([0.5, 0.3, 0.2]),
                                          np.array([[-2.0, 0.5], [1.5, 1.5], [0.5, -2.0]]),
                                          np.array([[0.3, 0.2], [0.15, 0.4], [0.25, 0.25]]))
         n, k = 4000, 1
@@ -58,12 +58,12 @@ def test_exact_classifier_at_scale_one_samples_the_class():
         ts = timesteps.logsnr(schedule, 40)
         labels = jnp.full((n,), k)
         classify = jax.tree_util.Partial(_posterior_logits(mixture, schedule))
-        guided = models.ClassifierGuided(mixture.denoiser(schedule), classify, labels, 1.0, schedule)
+        guided = guidance.classifier_guided(mixture.denoiser(schedule), classify, labels, 1.0, schedule)
         out = np.asarray(jdiffsample.sample(guided, x, ts, schedule, "unipc"))
         se = np.sqrt(mixture.variances[k] / n)
         assert np.all(np.abs(out.mean(0) - mixture.means[k]) < 4 * se + 2e-3), (out.mean(0), mixture.means[k])
         np.testing.assert_allclose(np.cov(out, rowvar=False), np.diag(mixture.variances[k]), atol=0.03)
-        off = models.ClassifierGuided(mixture.denoiser(schedule), classify, labels, 0.0, schedule)
+        off = guidance.classifier_guided(mixture.denoiser(schedule), classify, labels, 0.0, schedule)
         np.testing.assert_array_equal(jdiffsample.sample(off, x, ts, schedule, "unipc"),
                                       jdiffsample.sample(mixture.denoiser(schedule), x, ts, schedule, "unipc"))
 
@@ -97,20 +97,32 @@ def test_classifier_guidance_and_upsampler_in_the_pipeline(converted, tmp_path):
     assert cli.main(["sample", *base, "--out", str(tmp_path / "clf"), "--batch", "2",
                      "--classifier", str(converted / "adm_classifier_tiny"), "--classifier-scale", "3"]) == 0
     plain, clf = pipeline.load_samples(tmp_path / "plain"), pipeline.load_samples(tmp_path / "clf")
-    assert not np.array_equal(plain[0], clf[0])
+    # the pipeline's classifier guidance is the model's denoiser with that classifier and scale,
+    # rebuilt here from each sample's documented noise key (fold_in(k_i, 0)), labels and grid
+    model = nets.load_model(converted / "adm_guided_tiny")
+    classifier = nets.load_model(converted / "adm_classifier_tiny")
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(2), i), 0))(jnp.arange(4))
+    x = jax.vmap(lambda k: jax.random.normal(k, model.sample_shape))(keys)
+    grid = timesteps.logsnr(model.schedule, 3)
+    for images, extra in ((plain[0], {}), (clf[0], dict(classifier=classifier, classifier_scale=3.0))):
+        denoise = model.denoiser(np.array([3, 7, 3, 7]), **extra)
+        manual = np.asarray(pipeline.runner.quantize(jdiffsample.sample(denoise, x, grid, model.schedule, "unipc")))
+        assert np.abs(manual.astype(int) - images).max() <= 1 and np.mean(manual == images) > 0.99
+    assert np.abs(plain[0].astype(int) - clf[0]).max() > 8  # and the classifier does move the images
 
     two = ["sample", *base, "--upsampler", str(converted / "adm_superres_tiny"), "--upsampler-nfe", "2"]
     assert cli.main([*two, "--out", str(tmp_path / "two"), "--batch", "4"]) == 0
     images, labels = pipeline.load_samples(tmp_path / "two")
     assert images.shape == (4, 16, 16, 3) and labels.tolist() == [3, 7, 3, 7]
     manifest = pipeline.read_manifest(tmp_path / "two")
-    assert manifest["settings"]["upsampler"]["nfe"] == 2 and manifest["settings"]["upsampler"]["stage"] == 2
+    assert manifest["settings"]["upsampler"]["n_steps"] == 2
+    assert manifest["settings"]["models"]["upsampler"]["family"] == "adm-superres"
 
     # the second stage is the upsampler's denoiser conditioned on the first stage's images, with
     # each sample's stage-2 noise from fold_in(k_i, 3); from_manifest reproduces the run in other
     # batches (the images do not depend on the batch size)
-    sampler = pipeline.Sampler.from_manifest(tmp_path / "two", batch=2)
-    np.testing.assert_array_equal(sampler(np.array([3, 0, 2, 1]))[0], images[[3, 0, 2, 1]])
+    runner = pipeline.from_manifest(tmp_path / "two", batch=2)
+    np.testing.assert_array_equal(runner(np.array([3, 0, 2, 1]))[0], images[[3, 0, 2, 1]])
     first = plain[0]
     up = nets.load_model(converted / "adm_superres_tiny")
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(2), i), 3))(jnp.arange(4))
@@ -119,14 +131,14 @@ def test_classifier_guidance_and_upsampler_in_the_pipeline(converted, tmp_path):
     denoise = up.denoiser(conditioning=dict(low_res=low_res))
     grid = timesteps.logsnr(up.schedule, 2)
     x = jdiffsample.sample(denoise, noise, grid, up.schedule, "unipc", key=keys)
-    manual = np.asarray(pipeline.program.quantize(x))
+    manual = np.asarray(pipeline.runner.quantize(x))
     assert np.mean(manual == images) > 0.99 and np.abs(manual.astype(int) - images).max() <= 1
 
 
 @pytest.mark.parametrize("case, message", [
     ("upsampler_alone", "is conditioned on low_res: use it as the upsampler"),
     ("classifier_size", "the classifier takes (16, 16, 3) images and has 10 classes; the model samples"),
-    ("classifier_scale", "classifier guidance needs both a classifier and a classifier scale"),
+    ("classifier_scale", "classifier guidance needs both --classifier and --classifier-scale"),
     ("threshold_ve", "samples on a VE schedule"),
 ])
 def test_bad_input(case, message, converted, tmp_path, capsys):

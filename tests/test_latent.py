@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import fixture_dir
-from _helpers import assert_cli_fails
+from _helpers import assert_cli_fails, pipeline_images
 
-from jdiffsample import cli, nets, pipeline
+from jdiffsample import cli, nets, pipeline, schedules
 from jdiffsample.nets import dit, edm2, latent, vae
 
 DENOISE = jax.jit(lambda denoiser, x, t: denoiser(x, t))
@@ -42,11 +42,11 @@ def converted(tmp_path_factory):
 
 
 def test_conversions_record_what_sampling_needs(converted):
-    config = nets.load_config(converted / "dit")
+    config = nets.read_config(converted / "dit")
     assert config["family"] == "dit" and config["schedule"]["type"] == "VPDiscrete"
     assert config["latent"]["vae"] == str(converted / "vae") and config["latent"]["range"] == "[-1,1]"
-    assert nets.load_config(converted / "edm2")["schedule"] == dict(type="VE", sigma_min=0.002, sigma_max=80.0)
-    assert "latent" not in nets.load_config(converted / "edm2")  # 3 channels: a pixel model
+    assert nets.load_model(converted / "edm2").schedule == schedules.VE(sigma_min=0.002, sigma_max=80.0)
+    assert "latent" not in nets.read_config(converted / "edm2")  # 3 channels: a pixel model
     model = nets.load_model(converted / "dit")
     assert model.sample_shape == (8, 8, 4) and model.num_classes == 10 and model.latent is not None
 
@@ -82,7 +82,7 @@ def test_dit_pipeline_decodes_resumes_and_ignores_devices(converted, tmp_path):
     assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
     assert labels.tolist() == [1, 2, 1, 2, 1, 2]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["settings"]["vae"]["family"] == "vae" and manifest["settings"]["guidance_channels"] == 3
+    assert manifest["settings"]["models"]["vae"]["family"] == "vae" and manifest["settings"]["guidance_channels"] == 3
     assert manifest["settings"]["output_shape"] == [16, 16, 3] and (out / "grid.png").is_file()
 
     (out / "samples_000001.npz").unlink()  # resume: only the missing shard is made, the same
@@ -112,14 +112,31 @@ def test_dit_pipeline_decodes_resumes_and_ignores_devices(converted, tmp_path):
 
 def test_autoguidance_with_weight_one_is_the_main_model(converted):
     common = dict(solver="unipc", nfe=4, micro_batch=2, batch=2, seed=3, class_labels=[4], latents_only=True)
-    plain, _ = pipeline.Sampler(converted / "dit", **common)(np.arange(2))
+    plain, _ = pipeline_images(converted / "dit", np.arange(2), **common)
     guide = nets.load_model(converted / "dit")
     guide = guide.with_variables(jax.tree.map(lambda a: a * 0.9, guide.variables))  # a weaker guide
-    auto, _ = pipeline.Sampler(converted / "dit", guide=guide, guidance=1.0, guidance_channels=None, **common)(
-        np.arange(2))
+    auto, _ = pipeline_images(converted / "dit", np.arange(2), guide=guide, guidance=1.0, guidance_channels=None,
+                              **common)
     np.testing.assert_allclose(auto, plain, rtol=1e-5, atol=1e-5 * np.abs(plain).max())
-    stronger, _ = pipeline.Sampler(converted / "dit", guide=guide, guidance=2.0, **common)(np.arange(2))
+    stronger, _ = pipeline_images(converted / "dit", np.arange(2), guide=guide, guidance=2.0, **common)
     assert np.abs(stronger - plain).max() > 1e-3
+
+
+def test_autoguidance_is_twice_the_main_minus_the_guide(converted):
+    """D(w = 2) = 2 D_main - D_guide, both with the same labels (a guide called without the labels,
+    or the weights swapped, gives other values)."""
+    model = nets.load_model(converted / "dit")
+    guide = model.with_variables(jax.tree.map(lambda a: a * 0.9, model.variables))
+    labels = jnp.array([4, 7])
+    x = jax.random.normal(jax.random.key(0), (2, *model.sample_shape)) * 0.8
+    t = jnp.float32(0.45)
+    main = model.denoiser(labels)(x, t)
+    weak = guide.denoiser(labels)(x, t)
+    weak_unlabelled = guide.denoiser(None)(x, t)
+    auto = model.denoiser(labels, guidance=2.0, guide=guide, channels=None)(x, t)
+    scale = np.abs(main).max()
+    np.testing.assert_allclose(auto, 2 * main - weak, atol=1e-5 * scale, rtol=0)
+    assert np.abs(weak - weak_unlabelled).max() > 1e-2 * scale  # the labels matter to the guide
 
 
 def test_guidance_interval_switches_guidance_by_noise_level(converted):
@@ -198,8 +215,8 @@ def test_bad_input(case, message, converted, tmp_path, capsys):
 
 def test_dit_bfloat16_runs_in_the_pipeline(converted):
     common = dict(solver="dpmpp", nfe=3, micro_batch=2, batch=2, seed=1, class_labels=[5], latents_only=True)
-    f32, _ = pipeline.Sampler(converted / "dit", **common)(np.arange(2))
-    bf16, _ = pipeline.Sampler(converted / "dit", dtype="bfloat16", **common)(np.arange(2))
+    f32, _ = pipeline_images(converted / "dit", np.arange(2), **common)
+    bf16, _ = pipeline_images(converted / "dit", np.arange(2), dtype="bfloat16", **common)
     error = np.abs(bf16 - f32).max() / np.abs(f32).max()
     assert 0 < error < 0.05, error
-    assert dit.FAMILY.guidance_channels(nets.load_model(converted / "dit").module) == 3
+    assert dit.FAMILY.sampling.guidance_channels(nets.load_model(converted / "dit").module) == 3

@@ -11,7 +11,10 @@ import pytest
 from conftest import activation_dtypes, fixture_dir
 from flax import traverse_util
 
-from jdiffsample.nets import adm, torchfile
+from jdiffsample import schedules
+from jdiffsample.nets import adm
+
+from jdiffsample.nets.formats import torchfile
 
 
 # A small random-weights configuration exercising attention in the encoder, middle and decoder.
@@ -232,7 +235,7 @@ def test_presets_match_released_models():
 
 @pytest.mark.parametrize("steps", [1000, 250])
 def test_betas_linear(steps):
-    betas = adm.betas_for("linear", steps)
+    betas = schedules.guided_diffusion_betas("linear", steps)
     assert betas.dtype == np.float64 and betas.shape == (steps,)
     assert betas[0] == pytest.approx(1e-4 * 1000 / steps, rel=1e-12)
     assert betas[-1] == pytest.approx(0.02 * 1000 / steps, rel=1e-12)
@@ -241,7 +244,7 @@ def test_betas_linear(steps):
 
 @pytest.mark.parametrize("steps", [1000, 50])
 def test_betas_cosine(steps):
-    betas = adm.betas_for("cosine", steps)
+    betas = schedules.guided_diffusion_betas("cosine", steps)
     assert betas.dtype == np.float64 and betas.shape == (steps,)
     t = np.arange(1, steps + 1) / steps
     alpha_bar = np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
@@ -254,4 +257,4 @@ def test_betas_cosine(steps):
 
 def test_betas_unknown_schedule():
     with pytest.raises(ValueError, match="unknown beta schedule"):
-        adm.betas_for("quadratic", 10)
+        schedules.guided_diffusion_betas("quadratic", 10)

@@ -256,7 +256,7 @@ def test_cli_converts_the_fixture(fixture, tmp_path, capsys):
     assert module == ac.build(NAME, kwargs)
     logits = _logits_and_grad(kwargs, variables, io["x"], io["timesteps"], io["y"])[0]
     assert _rel(logits, io["output"]) <= 1e-5
-    config = nets.load_config(dst)
+    config = nets.read_config(dst)
     assert config["family"] == "adm-classifier" and config["class_name"] == NAME and "schedule" not in config
     assert not nets.get_family("adm-classifier").is_diffusion_model
 

@@ -14,7 +14,7 @@ from conftest import require
 from _helpers import assert_convert_fails, converted_fixture, expected_keys
 from _helpers import random_state_dict as _random_state_dict
 
-from jdiffsample import cli, nets
+from jdiffsample import cli, nets, schedules
 from jdiffsample.nets import adm
 from jdiffsample.nets import adm_superres as sr
 
@@ -63,7 +63,7 @@ def test_matches_fixture(fixture):
 def test_skip_scales(fixture):
     variables = fixture[2]
     assert sorted(variables["skip"]) == [adm.skip_name(j) for j in range(6)]
-    assert nets.get_family("adm-superres").skip_tuning
+    assert nets.get_family("adm-superres").sampling.skip_tuning
 
 
 # A class-conditional upsampler with the settings the fixture leaves out (additive time embedding,
@@ -144,18 +144,18 @@ def test_denoiser_is_the_epsilon_half_at_model_time(fixture):
     the original's epsilon."""
     _, kwargs, variables, io = fixture
     fam = nets.get_family("adm-superres")
-    info = fam.schedule_info(NAME, kwargs, {})
-    assert info == dict(type="VPDiscrete", noise_schedule="linear", diffusion_steps=1000)
-    schedule = fam.schedule(info)
+    schedule = fam.conversion.schedule(NAME, kwargs, {})
+    assert schedule == schedules.VPDiscrete.from_betas(schedules.guided_diffusion_betas("linear", 1000))
     module = fam.build(NAME, kwargs)
+    denoise = fam.sampling.denoise
     with jax.default_matmul_precision("highest"):
-        x0 = jax.jit(lambda x, low_res: fam.denoise(module, variables, x, 1.0, None, schedule, low_res=low_res))(
+        x0 = jax.jit(lambda x, low_res: denoise(module, variables, x, 1.0, None, schedule, low_res=low_res))(
             io["x"], io["low_res"])
     alpha, sigma = float(schedule.alpha(1.0)), float(schedule.sigma(1.0))
     expected = (io["x"][2] - sigma * io["output"][2, ..., :3]) / alpha
     assert _rel(x0[2], expected) <= 1e-5
     with pytest.raises(ValueError, match="needs low_res"):
-        fam.denoise(module, variables, io["x"], 1.0, None, schedule)
+        denoise(module, variables, io["x"], 1.0, None, schedule)
 
 
 def test_presets_are_the_released_upsamplers():
@@ -217,9 +217,10 @@ def test_cli_converts_the_fixture(fixture, tmp_path, capsys):
     variables = jax.tree.map(np.asarray, variables)  # as the converter gives them: reuses the compiled forward
     assert module == sr.build(NAME, kwargs)
     assert _rel(_apply(kwargs, variables, io["x"], io["timesteps"], io["low_res"]), io["output"]) <= 1e-5
-    config = nets.load_config(dst)
+    config = nets.read_config(dst)
     assert config["family"] == "adm-superres" and config["class_name"] == NAME
-    assert config["schedule"] == dict(type="VPDiscrete", noise_schedule="linear", diffusion_steps=500)
+    assert schedules.from_config(config["schedule"]) == schedules.VPDiscrete.from_betas(
+        schedules.guided_diffusion_betas("linear", 500))
     # The loaded model's denoiser needs low_res (its conditioning), and uses it
     model = nets.from_config(config, variables)
     with pytest.raises(ValueError, match=r"needs the conditioning \['low_res'\], got none"):

@@ -16,7 +16,8 @@ import pytest
 from flax import traverse_util
 
 from conftest import fixture_dir, require
-from jdiffsample.nets import dit, torchfile
+from jdiffsample.nets import dit
+from jdiffsample.nets.formats import torchfile
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from conftest import activation_dtypes, fixture_dir
 
-from jdiffsample.nets import edm, torchfile
+from jdiffsample.nets import edm, edm_unets
+
+from jdiffsample.nets.formats import torchfile
 
 EDM_FIXTURES = ["edm_ddpmpp_vp_tiny", "edm_ncsnpp_ve_tiny", "edm_adm_edm_tiny"]
 
@@ -218,7 +220,7 @@ def test_skip_encoder_and_decoder_layout():
 
 
 def test_bare_unet_owns_flat_skip_variables():
-    unet = edm.DhariwalUNet(img_resolution=16, in_channels=3, out_channels=3, model_channels=16,
+    unet = edm_unets.DhariwalUNet(img_resolution=16, in_channels=3, out_channels=3, model_channels=16,
                             channel_mult=(1, 2), num_blocks=1, attn_resolutions=())
     x = jnp.zeros((1, 16, 16, 3))
     variables = jax.eval_shape(unet.init, jax.random.key(0), x, jnp.zeros(1))

@@ -20,7 +20,8 @@ from flax import traverse_util
 
 import _torch_pickles as tp
 from conftest import fixture_dir
-from jdiffsample.nets import edm2, statedict, torchfile
+from jdiffsample.nets import edm2
+from jdiffsample.nets.formats import statedict, torchfile
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from conftest import fixture_dir, require
 from _helpers import numpy_state_dict, randomize, rel_err
 
 from jdiffsample import cli, nets, skip_tuning
-from jdiffsample.nets import clip, family, sd, sd_unet
+from jdiffsample.nets import clip, sd, sd_unet
 from jdiffsample.tokenizer import CLIPTokenizer
 
 RTOL = 1e-5
@@ -126,12 +126,12 @@ def test_fixture_conditioning_and_unet(converted, outputs, name):
 
 def test_checkpoint_records_the_pipeline(converted):
     _, _, module, variables, dst = converted["sdxl_tiny"]
-    config = nets.load_config(dst)
+    config = nets.read_config(dst)
     assert config["family"] == "sd" and config["class_name"] == "StableDiffusionXLPipeline"
     assert set(config["kwargs"]) == {"unet", "vae", "text_encoder", "text_encoder_2", "prediction_type"}
     assert config["kwargs"]["text_encoder_2"]["_class_name"] == "CLIPTextModelWithProjection"
     assert config["scheduler"]["_class_name"] == "EulerDiscreteScheduler"
-    assert config["schedule"]["beta_schedule"] == "scaled_linear"
+    assert config["scheduler"]["beta_schedule"] == "scaled_linear" and config["schedule"]["type"] == "VPDiscrete"
     assert sorted(config["tokenizers"]) == ["tokenizer", "tokenizer_2"]
     assert (dst / "tokenizer_2" / "vocab.json").is_file()
     assert set(variables["params"]) == {"unet", "vae", "text_encoder", "text_encoder_2"}
@@ -141,7 +141,7 @@ def test_checkpoint_records_the_pipeline(converted):
     abstract = jax.eval_shape(module.init, jax.random.key(0), *sd.example_inputs(module))
     assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(lambda a: a.shape, dict(variables))
     model = nets.load_model(dst)
-    assert model.sample_shape == (8, 8, 4) and model.num_classes == 0 and family.get("sd").skip_tuning
+    assert model.sample_shape == (8, 8, 4) and model.num_classes == 0 and nets.get_family("sd").sampling.skip_tuning
 
 
 def test_skip_tuning_scales_change_the_output(converted, outputs):
@@ -153,7 +153,7 @@ def test_skip_tuning_scales_change_the_output(converted, outputs):
 
 def test_bfloat16_close_to_float32(converted):
     _, io, _, variables, dst = converted["sdxl_tiny"]
-    config = nets.load_config(dst)
+    config = nets.read_config(dst)
     module = sd.build(config["class_name"], config["kwargs"], dtype=jnp.bfloat16)
     assert module.unet.dtype == module.text_encoder_2.dtype == module.vae.dtype == jnp.bfloat16
     out = _forward(module, io, ENCODERS["sdxl_tiny"])(variables)
@@ -212,7 +212,7 @@ def test_unet_denoise_matches_ddim_prediction(converted, prediction_type):
     torch = require("torch")
     diffusers = require("diffusers")
     folder, io, _, _, dst = converted["sd_tiny"]
-    schedule = sd.schedule(sd.schedule_info(nets.load_config(dst)["scheduler"], prediction_type))
+    schedule = sd.schedule(nets.read_config(dst)["scheduler"])
     ddim = diffusers.DDIMScheduler.from_pretrained(folder / "scheduler", prediction_type=prediction_type)
     ddim.set_timesteps(10)
     net = _Recorder(nhwc(io["unet_output"]))
@@ -227,8 +227,8 @@ def test_unet_denoise_matches_ddim_prediction(converted, prediction_type):
 
 def test_family_denoise_takes_the_conditioning_dict(converted):
     _, io, module, _, dst = converted["sdxl_tiny"]
-    fam = family.get("sd")
-    schedule = fam.schedule(nets.load_config(dst)["schedule"])
+    fam = nets.get_family("sd").sampling
+    schedule = nets.load_model(dst).schedule
     net = _Recorder(nhwc(io["unet_output"]), unet=module.unet)
     cond = dict(context=io["context"], text_embeds=io["text1_text_embeds"], time_ids=io["time_ids"])
     x = jnp.asarray(nhwc(io["latents"]))
@@ -251,7 +251,7 @@ def test_schedule_matches_diffusers(config):
     require("torch")
     diffusers = require("diffusers")
     theirs = diffusers.EulerDiscreteScheduler(**config).alphas_cumprod.numpy()
-    schedule = sd.schedule(sd.schedule_info(config))
+    schedule = sd.schedule(config)
     np.testing.assert_allclose(schedule.alphas_cumprod, theirs, rtol=1e-4)
     assert schedule.num_steps == config.get("num_train_timesteps", 1000)
 

@@ -19,7 +19,8 @@ from _helpers import nchw, numpy_state_dict, randomize, rel_err
 from flax.traverse_util import flatten_dict
 
 from jdiffsample.nets import diffusers_blocks as blocks
-from jdiffsample.nets import diffusers_folder, statedict, vae
+from jdiffsample.nets import vae
+from jdiffsample.nets.formats import diffusers_folder, statedict
 
 RTOL = 1e-5
 

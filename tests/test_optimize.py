@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdiffsample import cli, models, optimize, sample, schedules, timesteps
+from jdiffsample import cli, learn, optimize, sample, schedules, testing, timesteps
 
 SCHEDULES = {
     "vp-linear": schedules.VPLinear(),
@@ -207,7 +207,7 @@ def mixture_setup():
     of the held-out ones (UniPC-3 on REFERENCE_STEPS logSNR steps)."""
     schedule = schedules.VPLinear()
     keys = jax.random.split(jax.random.key(0), 3)
-    mixture = models.GaussianMixture.random(keys[0], 64, 8)
+    mixture = testing.GaussianMixture.random(keys[0], 64, 8)
     with schedules.float64():
         denoise = mixture.denoiser(schedule)
         train, held = (mixture.sample_marginal(k, 128, 1.0, schedule, dtype=jnp.float64) for k in keys[1:])
@@ -234,7 +234,7 @@ def test_learned_grid_beats_both_on_held_out_noise(mixture_setup, capsys):
     n = 6
     logsnr = timesteps.logsnr(schedule, n)
     with schedules.float64():
-        res = optimize.learn_timesteps(
+        res = learn.learn_timesteps(
             denoise, schedule, "unipc", train, logsnr, holdout=held, teacher_steps=REFERENCE_STEPS, maxiter=20,
             log_every=10, verbose=True, order=3,
         )
@@ -249,7 +249,7 @@ def test_learned_grid_beats_both_on_held_out_noise(mixture_setup, capsys):
 
 def test_learned_loss_gradient_matches_finite_differences():
     schedule = schedules.VPLinear()
-    mixture = models.GaussianMixture.random(jax.random.key(1), 8, 3)
+    mixture = testing.GaussianMixture.random(jax.random.key(1), 8, 3)
     with schedules.float64():
         denoise = mixture.denoiser(schedule)
         noise = mixture.sample_marginal(jax.random.key(2), 4, 1.0, schedule, dtype=jnp.float64)
@@ -260,7 +260,7 @@ def test_learned_loss_gradient_matches_finite_differences():
         @jax.value_and_grad
         def loss(inner):
             grid = jnp.concatenate([ts[:1], inner, ts[-1:]])
-            return optimize.learned_loss(grid, denoise, schedule, "unipc", noise, target, order=3)
+            return learn.learned_loss(grid, denoise, schedule, "unipc", noise, target, order=3)
 
         inner = ts[1:-1]
         grad = np.asarray(loss(inner)[1])

@@ -166,8 +166,8 @@ def test_devices_and_batch_sizes(models, env, reference, tmp_path):
         s4 = pipeline.generate(model, out + "/dev4", batch=16, **args)
         s1 = pipeline.generate(model, out + "/dev1", batch=7, devices=jax.devices()[:1], **args)
         assert s4.devices == 4 and s1.devices == 1 and s4.fingerprint == s1.fingerprint
-        sampler = pipeline.Sampler.from_manifest(out + "/dev1", batch=3, devices=jax.devices()[:1])
-        images, labels = sampler([17, 2, 23, 9])
+        runner = pipeline.from_manifest(out + "/dev1", batch=3, devices=jax.devices()[:1])
+        images, labels = runner([17, 2, 23, 9])
         np.savez(out + "/subset.npz", images=images, labels=labels)
     """)
     proc = subprocess.run([sys.executable, "-c", script, str(models["cond"]), str(tmp_path)], capture_output=True,
@@ -252,10 +252,10 @@ def test_kill_and_resume(models, env, reference, tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("unknown_solver", "unknown solver 'nope'"),
     ("bad_order", "option order of solver unipc must be one of 1, 2, 3, got 5"),
-    ("bad_nfe", "nfe must be a positive integer, got 0"),
+    ("bad_nfe", "nfe (--nfe) must be a positive integer, got 0"),
     ("guidance_uncond", "classifier-free guidance needs a class-conditional network"),
-    ("guide_uncond", "a guide network needs a guidance weight"),
-    ("bad_interval", "the guidance interval must be LO,HI with 0 <= LO < HI"),
+    ("guide_uncond", "a guide network (--guide-model) needs a guidance weight (--guidance)"),
+    ("bad_interval", "guidance_interval (--guidance-interval) must be LO,HI with 0 <= LO < HI"),
     ("labels_uncond", "the model is unconditional"),
     ("bad_label", "class label 12 is not an integer in [0, 9]"),
     ("other_settings", "holds samples made with other settings (seed: 3 there, 4 here)"),
@@ -263,7 +263,7 @@ def test_kill_and_resume(models, env, reference, tmp_path):
     ("unknown_model", "neither a directory nor a bundled model"),
     ("foreign_folder", "is not empty and holds no manifest.json"),
     ("option_solver", "--eta does not apply to solver unipc"),
-    ("micro_batch", "micro_batch must be a positive integer, got 0"),
+    ("micro_batch", "micro_batch (--micro-batch) must be a positive integer, got 0"),
     ("other_micro_batch", "holds samples made with other settings (micro_batch: 2 there, 4 here)"),
 ])
 def test_bad_arguments(case, message, models, reference, tmp_path, capsys):
@@ -364,7 +364,8 @@ def test_sampling_programs_compile_with_the_xla_options(models, monkeypatch):
 
     monkeypatch.setattr(xla_options, "compile_options", lambda devices=None: {"xla_no_such_option_for_this_test": 1})
     with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option_for_this_test"):
-        pipeline.Sampler(models["cond"], solver="ddim", nfe=2, batch=2)(np.arange(2))
+        plan = pipeline.plan(models["cond"], pipeline.Settings(solver="ddim", nfe=2), num=2)
+        pipeline.Runner(plan, batch=2)(np.arange(2))
     schedule = schedules.VE()
     with pytest.raises(jax.errors.JaxRuntimeError, match="xla_no_such_option_for_this_test"):
         jdiffsample.sample(lambda x, t: x, np.ones((2, 3), np.float32), timesteps.logsnr(schedule, 2), schedule, "ddim")

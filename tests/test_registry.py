@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jdiffsample
-from jdiffsample import cli, evaluate, models, pipeline, schedules, timesteps
+from jdiffsample import cli, evaluate, nets, pipeline, schedules, testing, timesteps
 from jdiffsample.solvers import core, registry
 
 
@@ -50,7 +50,7 @@ def test_toy_solver_everywhere(toy, tmp_path):
 
     # jdiffsample.sample: pull = 1 is DDIM
     schedule = schedules.VPLinear()
-    mixture = models.GaussianMixture.random(jax.random.key(0), 8, 2)
+    mixture = testing.GaussianMixture.random(jax.random.key(0), 8, 2)
     x = jax.random.normal(jax.random.key(1), (4, 8))
     ts = timesteps.logsnr(schedule, 6)
     toy_out = jdiffsample.sample(mixture.denoiser(schedule), x, ts, schedule, "toy")
@@ -65,6 +65,17 @@ def test_toy_solver_everywhere(toy, tmp_path):
                      "--batch", "3", "--class-labels", "3", "--quiet"]) == 0
     api, via_cli = pipeline.load_samples(tmp_path / "api"), pipeline.load_samples(tmp_path / "cli")
     np.testing.assert_array_equal(api[0], via_cli[0])
+    # ... and they are toy's images with pull 0.5, rebuilt from each sample's documented noise key
+    model = nets.load_model("digits")
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(1), i), 0))(jnp.arange(6))
+    x = jax.vmap(lambda k: jax.random.normal(k, (8, 8, 1)))(keys) * model.schedule.sigma_max
+    grid = timesteps.logsnr(model.schedule, 4)
+    denoise = model.denoiser(np.full(6, 3))
+    for pull, same in ((0.5, True), (1.0, False)):
+        manual = np.asarray(pipeline.runner.quantize(jdiffsample.sample(denoise, x, grid, model.schedule, "toy",
+                                                                        pull=pull)))
+        close = np.abs(manual.astype(int) - api[0]).max() <= 1 and np.mean(manual == api[0]) > 0.99
+        assert close == same, pull
     assert cli.main(["sample", "--model", "digits", "--out", str(tmp_path / "x"), "--solver", "ddim",
                      "--toy-pull", "0.5"]) == 2  # the flag belongs to toy only
 

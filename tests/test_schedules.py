@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import require
 
-from jdiffsample import models, schedules, timesteps
+from jdiffsample import guidance, models, schedules, testing, timesteps
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +102,7 @@ def test_grid_errors():
 
 @pytest.mark.parametrize("sch", [schedules.VPLinear(), schedules.VPCosine()], ids=repr)
 def test_adapters_round_trip(sch):
-    gmm = models.GaussianMixture.random(jax.random.key(0), 6, 3)
+    gmm = testing.GaussianMixture.random(jax.random.key(0), 6, 3)
     exact = gmm.denoiser(sch)
     x = gmm.sample_marginal(jax.random.key(1), 5, 0.4, sch, dtype=jnp.float64)
     t = jnp.asarray(0.4)
@@ -116,17 +116,19 @@ def test_adapters_round_trip(sch):
     # EDM preconditioned view: D(x / alpha; sigma / alpha) is the same posterior mean.
     edm_view = gmm.denoiser(schedules.VE())
     np.testing.assert_allclose(models.from_edm(edm_view, sch)(x, t), x0, rtol=1e-8)
-    # Guidance: scale 1 is the conditional model, 0 the unconditional one.
-    other = lambda x, t: jnp.zeros_like(x)  # noqa: E731
-    np.testing.assert_allclose(models.guided(exact, other, 1.0)(x, t), x0)
-    np.testing.assert_allclose(models.guided(exact, other, 0.0)(x, t), 0.0)
-    np.testing.assert_allclose(models.guided(exact, other, 2.0)(x, t), 2 * x0)
+    # Guidance: scale 1 is the conditional model, 0 the unconditional one, 2 extrapolates past it.
+    other = gmm.denoiser(schedules.VE())  # another denoiser, nonzero, unlike the conditional one
+    u = other(x, t)
+    assert np.abs(u).min() > 1e-3 and np.abs(u - x0).min() > 1e-3
+    np.testing.assert_allclose(guidance.guided(exact, other, 1.0)(x, t), x0, rtol=1e-12)
+    np.testing.assert_allclose(guidance.guided(exact, other, 0.0)(x, t), u, rtol=1e-12)
+    np.testing.assert_allclose(guidance.guided(exact, other, 2.0)(x, t), 2 * x0 - u, rtol=1e-10)
 
 
 def test_gaussian_mixture_denoiser_is_the_posterior_mean():
     # Monte Carlo: E[x0 | x_t] by importance weighting exact samples near one x_t.
     sch = schedules.VPLinear()
-    gmm = models.GaussianMixture(np.array([0.3, 0.7]), np.array([[-1.0], [2.0]]), np.array([0.2, 0.5]))
+    gmm = testing.GaussianMixture(np.array([0.3, 0.7]), np.array([[-1.0], [2.0]]), np.array([0.2, 0.5]))
     t = jnp.asarray(0.3)
     a, s = float(sch.alpha(t)), float(sch.sigma(t))
     x0 = np.asarray(gmm.sample(jax.random.key(0), 400000, dtype=jnp.float64))[:, 0]

@@ -10,7 +10,8 @@ import pytest
 from conftest import fixture_dir
 
 from jdiffsample import skip_tuning
-from jdiffsample.nets import adm, edm, torchfile
+from jdiffsample.nets import adm, edm
+from jdiffsample.nets.formats import torchfile
 
 
 # Decoder blocks of the 16x16, 3-level, 2-block fixtures that concatenate a skip, deepest first.

@@ -14,7 +14,7 @@ import pytest
 from _helpers import check_grad_wrt_times
 
 import jdiffsample
-from jdiffsample import models, schedules, solvers, timesteps
+from jdiffsample import schedules, solvers, testing, timesteps
 from jdiffsample.solvers import core, registry
 
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _gmm(dim=64, k=4, seed=0, var=(0.2, 0.6)):
-    return models.GaussianMixture.random(jax.random.key(seed), dim, k, var_range=var)
+    return testing.GaussianMixture.random(jax.random.key(seed), dim, k, var_range=var)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ ORDER_CASES = [
 def order_problem():
     with schedules.float64():
         sch = schedules.VPLinear()
-        gmm = models.GaussianMixture.random(jax.random.key(0), 64, 4, spread=0.5, var_range=(0.2, 0.6))
+        gmm = testing.GaussianMixture.random(jax.random.key(0), 64, 4, spread=0.5, var_range=(0.2, 0.6))
         den = gmm.denoiser(sch)
         x0 = gmm.sample_marginal(jax.random.key(1), 4, sch.t_max, sch, dtype=jnp.float64)
         ref = jdiffsample.sample(
@@ -184,7 +184,7 @@ def test_ddim_eta1_matches_ddpm_posterior_step():
     n = 200000
     x = jnp.zeros((n, 3))
     ts = jnp.array([0.8, 0.5])
-    out = solvers.ddim(den, x, ts, sch, eta=1.0, key=jax.random.key(0))
+    out = solvers.SOLVERS["ddim"](den, x, ts, sch, eta=1.0, key=jax.random.key(0))
     a_s, s_s, a_t, s_t = (float(f(t)) for t in (0.8, 0.5) for f in (sch.alpha, sch.sigma))
     # DDPM posterior q(x_t | x_s = 0, x0): mean a_t (1 - SNR_s/SNR_t) x0, variance s_t^2 (1 - SNR_s/SNR_t).
     snr_ratio = (a_t * s_s) ** 2 / (a_s * s_t) ** 2  # SNR_t / SNR_s
@@ -312,7 +312,7 @@ def test_carry_size_does_not_grow_with_steps():
     x = jnp.zeros((2, 8))
 
     def carry_leaves(n):
-        jaxpr = jax.make_jaxpr(lambda x: solvers.unipc(den, x, jnp.asarray(timesteps.logsnr(sch, n)), sch))(x)
+        jaxpr = jax.make_jaxpr(lambda x: solvers.SOLVERS["unipc"](den, x, jnp.asarray(timesteps.logsnr(sch, n)), sch))(x)
         scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
         return [e.params["num_carry"] for e in scans], [v.aval.shape for e in scans for v in e.outvars]
 
@@ -363,7 +363,7 @@ def test_bad_input_errors(kwargs, message):
 def test_bad_input_direct_call_and_ve_zero_in_the_middle():
     sch, den, x = _setup()
     with pytest.raises(ValueError, match="strictly decreasing"):
-        solvers.unipc(den, x, jnp.asarray([0.5, 0.5, 0.1]), sch)
+        solvers.SOLVERS["unipc"](den, x, jnp.asarray([0.5, 0.5, 0.1]), sch)
     ve = schedules.VE()
     with pytest.raises(ValueError, match="only at its last point"):
         ve.check_times(np.asarray([1.0, 0.0, 0.5]))

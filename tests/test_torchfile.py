@@ -1,4 +1,4 @@
-"""Tests for jdiffsample.nets.torchfile: reading PyTorch files without torch or code execution.
+"""Tests for jdiffsample.nets.formats.torchfile: reading PyTorch files without torch or code execution.
 
 torch is used (through conftest.require) only to *create* files; the reader never imports it.
 Synthetic files are also written byte for byte by ``_torch_pickles``, so most tests need no torch.
@@ -19,8 +19,8 @@ import pytest
 import _torch_pickles as tp
 from conftest import FIXTURES, fixture_dir, missing, require
 
-from jdiffsample.nets import torchfile
-from jdiffsample.nets.torchfile import (CheckpointFormatError, UnsafeCheckpointError,
+from jdiffsample.nets.formats import torchfile
+from jdiffsample.nets.formats.torchfile import (CheckpointFormatError, UnsafeCheckpointError,
                                         load_edm_pickle, load_state_dict)
 
 def _torch():
@@ -144,7 +144,7 @@ def test_plain_pickled_tensors_use_nested_blobs():
     base = torch.arange(20.0).reshape(4, 5)
     blob = pickle.dumps({"p": torch.nn.Parameter(base[1:3]), "t": base.t(),
                          "h": base.half()}, protocol=4)
-    got = torchfile._safe_load(io.BytesIO(blob), "blob")
+    got = torchfile.read_pickle(io.BytesIO(blob), "blob")
     assert np.array_equal(got["p"], base[1:3].numpy())
     assert np.array_equal(got["t"], base.t().numpy())
     assert got["h"].dtype == np.float16

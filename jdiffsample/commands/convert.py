@@ -10,19 +10,18 @@ from __future__ import annotations
 import os
 import sys
 
-HELP = "convert original PyTorch/diffusers weights of a network family into a jdiffsample checkpoint"
+from jdiffsample import nets
 
 
 def add_arguments(parser) -> None:
-    from jdiffsample.nets import family
-
     sub = parser.add_subparsers(dest="family", required=True, metavar="FAMILY")
-    for fam in family.all_families():
+    for fam in nets.FAMILIES:
         p = sub.add_parser(fam.name, help=fam.description, description=fam.description)
         p.add_argument("src", help="the original weights (file or folder)")
         p.add_argument("dst", help="checkpoint folder to create")
-        fam.convert_arguments(p)
-        p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+        fam.conversion.arguments(p)
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing DST (only a jdiffsample checkpoint folder or an empty one)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
         own = [a.dest for a in p._actions if a.dest not in ("help", "src", "dst", "debug")]
         p.set_defaults(convert_options=own)  # the keyword options of the family's convert()
@@ -36,8 +35,6 @@ def run(args) -> int:
         absl_logging.set_verbosity(absl_logging.ERROR)
     except ImportError:
         pass
-    from jdiffsample import nets
-
     options = {k: getattr(args, k) for k in args.convert_options}
     try:
         info = nets.convert(args.family, args.src, args.dst, **options)

@@ -8,11 +8,16 @@ optimized and learned grids used) and ``quality_vs_nfe.png`` to ``--out``. See
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
-HELP = "compare solvers, NFEs, time grids and Skip-Tuning on a model (digits FD, error, time)"
+from jdiffsample import evaluate, nets, schedules
+from jdiffsample import grids as grid_methods
+from jdiffsample.solvers import registry
 
 
 def _list(kind):
@@ -25,8 +30,6 @@ def _list(kind):
 
 
 def add_arguments(parser) -> None:
-    from jdiffsample.solvers import registry
-
     names = ", ".join(registry.names())
     parser.add_argument("--model", default="digits",
                         help="bundled model name or checkpoint directory (default digits)")
@@ -62,17 +65,43 @@ def add_arguments(parser) -> None:
                              "adds FID to every cell (slow on a CPU)")
     parser.add_argument("--fid-ref", default=None, metavar="NPZ",
                         help="FID reference statistics (mu, sigma); default: the real digits")
-    parser.add_argument("--out", default="eval_results", help="output directory")
+    parser.add_argument("--out", default="eval_results", help="output directory (written whole at the end)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder of an earlier eval")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib)")
 
 
+RESULTS = ("results.md", "results.csv", "grids.json", "baselines.json", "quality_vs_nfe.png", "partial_results.csv")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` is new, empty, or (with --overwrite) an earlier eval's folder; checked before any work."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"--out {out} holds an earlier evaluation; give --overwrite to replace it whole, "
+                                  f"or another folder")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RESULTS)
+        if foreign:
+            raise ValueError(f"--out {out} holds files an eval does not write ({', '.join(foreign[:3])}); "
+                             f"--overwrite would delete them: choose another folder")
+    parent = out.absolute().parent
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write in {parent} (permission denied)")
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out``, replacing an earlier one whole."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
 def run(args) -> int:
-    from jdiffsample import evaluate
-
-    from jdiffsample import grids as grid_methods
-    from jdiffsample import nets
-    from jdiffsample.solvers import registry
-
     solvers = registry.split_specs(args.solvers)
     nfes = _list(int)(args.nfe)
     grids = _list(str)(args.grids)
@@ -82,23 +111,48 @@ def run(args) -> int:
     learned_solvers = solvers if args.learned_solvers is None else registry.split_specs(args.learned_solvers)
     if not (solvers and nfes and grids):
         raise ValueError("--solvers, --nfe and --grids need at least one value each")
+    for flag, value in (("--samples", args.samples), ("--batch", args.batch), ("--micro-batch", args.micro_batch),
+                        ("--ref-steps", args.ref_steps), ("--learn-batch", args.learn_batch),
+                        ("--learn-iters", args.learn_iters), *(("--nfe", n) for n in nfes)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.samples < 2:
+        raise ValueError(f"--samples must be at least 2, got {args.samples}")
+    bad = [r for r in skips if not r > 0]
+    if bad:
+        raise ValueError(f"--skip values are Skip-Tuning scales rho_bottom and must be positive, got {bad[0]}")
     unknown = sorted(set(grids) - set(grid_methods.NAMES))
     if unknown:
         raise ValueError(f"unknown grid(s) {', '.join(unknown)}; choose from {', '.join(grid_methods.NAMES)}")
-    config = nets.load_config(nets.resolve(args.model))
-    zero_end = nets.get_family(config["family"]).schedule(config["schedule"]).zero_end
+    config = nets.read_config(nets.resolve(args.model))
+    schedule = schedules.from_config(config["schedule"])
+    if "ays" in grids:
+        grid_methods.ays_model(schedule)  # a model whose noise range has a published grid
     for spec in {*solvers, *skip_solvers, *learned_solvers}:
         name, _ = registry.parse_spec(spec)  # validates before the slow part
         for nfe in nfes:
-            registry.get(name).steps_for_nfe(nfe, zero_end=zero_end)
+            registry.get(name).steps_for_nfe(nfe, zero_end=schedule.zero_end)
     for flag, path in (("--fid-weights", args.fid_weights), ("--fid-ref", args.fid_ref)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag}: no file {path}")
     if args.fid_ref is not None and args.fid_weights is None:
         raise ValueError("--fid-ref needs --fid-weights")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, args.overwrite)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.absolute().parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        text = _evaluate(args, tmp, solvers, nfes, grids, skips, skip_solvers, skip_grid, learned_solvers)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(text)
+    return 0
 
+
+def _evaluate(args, out: Path, solvers, nfes, grids, skips, skip_solvers, skip_grid, learned_solvers) -> str:
     def log(line):
         print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
@@ -121,7 +175,7 @@ def run(args) -> int:
         fid_text = f" FID {cell.fid:.2f}" if args.fid_weights else ""
         log(f"{i + 1}/{len(plan)} {cell.solver} NFE {n} {g} rho_bottom {r}: FD {cell.fd:.3f}{fid_text} "
             f"acc {cell.accuracy:.3f} err {cell.error:.4f} ({cell.seconds:.2f} s)")
-        evaluate.write_csv(cells, out / "results.csv")  # partial results survive interruption
+        evaluate.write_csv(cells, out / "results.csv")  # partial results, in the folder that replaces --out
     base = suite.baselines()
     notes = [
         f"Model `{args.model}` ({suite.path.name}), {args.samples} samples per cell (labels "
@@ -140,5 +194,4 @@ def run(args) -> int:
     (out / "baselines.json").write_text(json.dumps(base, indent=1))
     if not args.no_plot:
         evaluate.plot(cells, out / "quality_vs_nfe.png")
-    print(text)
-    return 0
+    return text

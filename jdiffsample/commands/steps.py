@@ -13,8 +13,6 @@ import sys
 
 from jdiffsample.commands import _solver_flags
 
-HELP = "optimize a sampling time grid (the error bound of Xue et al. 2024, or learned) and print it as JSON"
-
 _SCHEDULES = ("vp-linear", "vp-cosine", "vp-discrete", "ve", "flow")
 
 
@@ -42,32 +40,33 @@ def add_arguments(parser) -> None:
     learned.add_argument("--dim", type=int, default=64, help="data dimension (default 64)")
     learned.add_argument("--components", type=int, default=8, help="mixture components (default 8)")
     learned.add_argument("--batch", type=int, default=128, help="training noises; as many held out (default 128)")
-    learned.add_argument("--maxiter", type=int, default=100, help="learning iterations (default 100)")
+    learned.add_argument("--maxiter", type=int, default=None,
+                         help="iterations: of the bound's optimizer (default 300) or of learning (default 100)")
     learned.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _solver_flags.add(parser)
 
 
-def _learned(args, schedule, settings, options, n_steps):
+def _learned(args, schedule, settings, options, n_steps, maxiter: int):
+    # imported here, not at the top: 'jdiffsample steps' starts in a fraction of a second without them
     import jax
     import jax.numpy as jnp
 
-    from jdiffsample import models, optimize, timesteps
+    from jdiffsample import learn, timesteps
+    from jdiffsample.testing import GaussianMixture
 
-    if args.dim < 1 or args.components < 1 or args.batch < 1:
-        raise ValueError("--dim, --components and --batch must be positive")
     keys = jax.random.split(jax.random.key(args.seed), 3)
-    mixture = models.GaussianMixture.random(keys[0], args.dim, args.components)
+    mixture = GaussianMixture.random(keys[0], args.dim, args.components)
     ts_init = timesteps.get(args.init, schedule, n_steps, t_start=args.t_start, t_end=args.t_end)
     noise, held = (mixture.sample_marginal(k, args.batch, ts_init[0], schedule, dtype=jnp.float32) for k in keys[1:])
 
     def progress(it, ts, train, holdout):
         print(f"steps: iter {it:4d}  train mse {train:.4e}  held-out mse {holdout:.4e}", file=sys.stderr, flush=True)
 
-    result = optimize.learn_timesteps(
-        mixture.denoiser(schedule), schedule, args.solver, noise, ts_init, holdout=held, maxiter=args.maxiter,
+    result = learn.learn_timesteps(
+        mixture.denoiser(schedule), schedule, args.solver, noise, ts_init, holdout=held, maxiter=maxiter,
         callback=progress, **options,
     )
-    settings.update(dim=args.dim, components=args.components, batch=args.batch, seed=args.seed, maxiter=args.maxiter)
+    settings.update(dim=args.dim, components=args.components, batch=args.batch, seed=args.seed, maxiter=maxiter)
     return dict(
         times=result.ts.tolist(), lambdas=result.lams.tolist(), train_mse=result.train_error,
         holdout_mse=result.holdout_error, init_train_mse=result.init_train_error,
@@ -75,13 +74,27 @@ def _learned(args, schedule, settings, options, n_steps):
     )
 
 
-def run(args) -> int:
-    from jdiffsample import optimize, schedules
+def _check(args) -> None:
+    """Every flag, before any work."""
+    for flag, value in (("--nfe", args.nfe), ("--maxiter", 1 if args.maxiter is None else args.maxiter), ("--dim", args.dim),
+                        ("--components", args.components), ("--batch", args.batch)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if not args.p > 0:
+        raise ValueError(f"--p is the exponent of the error weight sigma^p / alpha and must be positive, got {args.p}")
+    if args.trunc is not None and args.trunc < 0:
+        raise ValueError(f"--trunc must be a non-negative integer, got {args.trunc}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
 
+
+def run(args) -> int:
+    # imported here, not at the top: 'jdiffsample steps' starts in a fraction of a second without them
+    from jdiffsample import optimize, schedules
     from jdiffsample.solvers import registry
 
-    if args.nfe < 1:
-        raise ValueError(f"--nfe must be a positive integer, got {args.nfe}")
+    _check(args)
+    maxiter = args.maxiter if args.maxiter is not None else (100 if args.learned else 300)
     solver = registry.get(args.solver)
     options = _solver_flags.options(args, args.solver)
     order = solver.bound_order(options)
@@ -96,11 +109,12 @@ def run(args) -> int:
     )
     if args.learned:
         settings["method"] = "learned"
-        out = _learned(args, schedule, settings, options, n_steps)
+        out = _learned(args, schedule, settings, options, n_steps, maxiter)
     else:
         result = optimize.optimize_timesteps(
             schedule, n_steps, args.t_start, args.t_end, order=order, p=args.p, init=args.init,
             trunc=args.trunc, paper=args.paper, method=args.optimizer,
+            maxiter=maxiter,
         )
         trunc = None if args.paper else (optimize.default_trunc(n_steps) if args.trunc is None else args.trunc)
         settings.update(method="surrogate", p=args.p, trunc=trunc, paper=args.paper, optimizer=args.optimizer)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +40,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jdiffsample.nets import edm, family, statedict
+from jdiffsample import models, schedules
+from jdiffsample.nets import family
+from jdiffsample.nets.formats import checkpoint, statedict, torchfile
+from jdiffsample.nets.layers import Conv2d, GroupNorm, attention
 
 __all__ = [
     "PRESETS",
@@ -50,7 +54,6 @@ __all__ = [
     "Upsample",
     "Downsample",
     "timestep_embedding",
-    "betas_for",
     "skip_name",
     "build",
     "example_inputs",
@@ -118,25 +121,6 @@ DIFFUSION_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def betas_for(schedule_name: str, num_steps: int) -> np.ndarray:
-    """guided-diffusion's named beta schedules, float64 of shape [num_steps].
-
-    * ``"linear"``: evenly spaced from ``1e-4 * 1000/T`` to ``0.02 * 1000/T`` (inclusive).
-    * ``"cosine"``: ``beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999)`` with
-      ``abar(t) = cos((t + 0.008) / 1.008 * pi/2) ** 2`` (Nichol & Dhariwal, 2021).
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be positive, got {num_steps}")
-    if schedule_name == "linear":
-        scale = 1000.0 / num_steps
-        return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
-    if schedule_name == "cosine":
-        t = np.arange(num_steps + 1, dtype=np.float64) / num_steps
-        alpha_bar = np.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], 0.999)
-    raise ValueError(f"unknown beta schedule {schedule_name!r}; expected 'linear' or 'cosine'")
-
-
 def skip_name(j: int) -> str:
     """Name of the Skip-Tuning scale of the skip consumed by ``output_blocks[j]``.
 
@@ -163,15 +147,15 @@ def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000
 
 def group_norm(x: jax.Array, name: str) -> jax.Array:
     """``GroupNorm32``: 32 groups, eps 1e-5, computed in float32 and cast back to ``x.dtype``
-    (:func:`jdiffsample.nets.edm.group_norm`; parameters ``scale``, ``bias``)."""
-    return edm.GroupNorm(eps=1e-5, dtype=x.dtype, num_groups=32, name=name)(x)
+    (:func:`jdiffsample.nets.layers.group_norm`; parameters ``scale``, ``bias``)."""
+    return GroupNorm(eps=1e-5, dtype=x.dtype, num_groups=32, name=name)(x)
 
 
 def conv(features: int, name: str, dtype: Any, kernel: int = 3, stride: int = 1) -> nn.Module:
     """A PyTorch-style 2-D conv (symmetric zero padding ``kernel // 2``, with bias); a 1x1 one is
-    computed as a matrix product (:class:`jdiffsample.nets.edm.Conv2d`, same parameters)."""
+    computed as a matrix product (:class:`jdiffsample.nets.layers.Conv2d`, same parameters)."""
     if kernel == 1 and stride == 1:
-        return edm.Conv2d(features, 1, dtype=dtype, name=name)
+        return Conv2d(features, 1, dtype=dtype, name=name)
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), dtype=dtype, name=name)
@@ -289,7 +273,7 @@ class AttentionBlock(nn.Module):
         else:
             q, k, v = qkv.reshape(b, -1, heads, 3, ch).transpose(3, 0, 2, 1, 4)
         scale = 1 / math.sqrt(math.sqrt(ch))  # applied to q and k separately, as the original
-        a = edm.attention(q * scale, k * scale, v)
+        a = attention(q * scale, k * scale, v)
         h = nn.Dense(c, dtype=self.dtype, name="proj_out")(a)
         return (tokens + h.astype(tokens.dtype)).reshape(b, hgt, wid, c)
 
@@ -480,7 +464,7 @@ def convert_state_dict(kwargs: Mapping[str, Any], state_dict: Mapping[str, Any])
 
     Conv weights [O, I, kh, kw] become kernels [kh, kw, I, O]; Linear [O, I] and the attention
     Conv1d [O, I, 1] become Dense kernels [I, O]; parameters are float32 and the Skip-Tuning
-    scales 1.0. Strict (:func:`jdiffsample.nets.statedict.match`).
+    scales 1.0. Strict (:func:`jdiffsample.nets.formats.statedict.match`).
     """
     model = build(kwargs)
     abstract = jax.eval_shape(model.init, jax.random.key(0), *example_inputs(model))
@@ -494,11 +478,14 @@ def convert_state_dict(kwargs: Mapping[str, Any], state_dict: Mapping[str, Any])
 DEFAULT_DIFFUSION = dict(noise_schedule="linear", diffusion_steps=1000)
 
 
-def diffusion_info(diffusion: Mapping[str, Any] | None) -> dict:
-    """The config's schedule entry for guided-diffusion's settings (default: linear, 1000 steps)."""
+def diffusion_schedule(diffusion: Mapping[str, Any] | None) -> schedules.VPDiscrete:
+    """The discrete VP schedule of guided-diffusion's settings ``{"noise_schedule", "diffusion_steps"}``
+    (default: linear, 1000 steps)."""
     d = {**DEFAULT_DIFFUSION, **{k: v for k, v in (diffusion or {}).items() if k in DEFAULT_DIFFUSION}}
-    betas_for(d["noise_schedule"], int(d["diffusion_steps"]))  # validates both
-    return dict(type="VPDiscrete", noise_schedule=d["noise_schedule"], diffusion_steps=int(d["diffusion_steps"]))
+    steps = d["diffusion_steps"]
+    if isinstance(steps, str) and steps.isdigit():
+        steps = int(steps)
+    return schedules.VPDiscrete.from_betas(schedules.guided_diffusion_betas(d["noise_schedule"], steps))
 
 
 def released_config(preset: str | None, config, *, presets: Mapping[str, Mapping], class_name: str, what: str,
@@ -507,8 +494,6 @@ def released_config(preset: str | None, config, *, presets: Mapping[str, Mapping
     a preset name (``presets``, with ``diffusion_presets``) or ``config``: a dict or JSON file,
     ``{"class_name", "kwargs", "diffusion"}`` or the constructor kwargs themselves. ``what`` names
     the network in errors ("ADM", "ADM classifier", ...)."""
-    from jdiffsample.nets import checkpoint
-
     if (preset is None) == (config is None):
         raise ValueError("give exactly one of preset or config (--preset NAME or --config FILE)")
     if preset is not None:
@@ -523,14 +508,13 @@ def released_config(preset: str | None, config, *, presets: Mapping[str, Mapping
 
 
 def convert_released(src, dst, *, family_name: str, class_name: str, kwargs: Mapping[str, Any], to_variables,
-                     key=None, extra: Mapping[str, Any], overwrite: bool, started: float) -> dict:
+                     key=None, schedule=None, extra: Mapping[str, Any], overwrite: bool, started: float) -> dict:
     """Read the state dict ``src`` (``key``: the entry of a wrapped one), match it with
     ``to_variables(state_dict)`` and write ``dst``; the converters' summary."""
-    from jdiffsample.nets import checkpoint, torchfile
-
     src = Path(src)
     if not src.is_file():
         raise ValueError(f"{src}: no such file")
+    checkpoint.check_destination(dst, overwrite, sources=[src])
     state_dict = torchfile.load_state_dict(src, key=key)
     variables = to_variables(state_dict)
     tensors = len(state_dict)
@@ -538,7 +522,8 @@ def convert_released(src, dst, *, family_name: str, class_name: str, kwargs: Map
     extra = dict(extra)
     extra["source"] = dict(kind="state_dict", file=src.name, **extra.get("source", {}))
     return checkpoint.save_converted(dst, family_name, class_name, kwargs, variables, tensors=tensors,
-                                     started=started, extra=extra, overwrite=overwrite)
+                                     started=started, schedule=schedule, extra=extra, overwrite=overwrite,
+                                     sources=[src])
 
 
 def convert_diffusion_model(src, dst, *, family_name: str, what: str, build_checked, to_variables,
@@ -547,8 +532,6 @@ def convert_diffusion_model(src, dst, *, family_name: str, what: str, build_chec
     """The converter of a guided-diffusion diffusion model (``UNetModel``, ``SuperResModel``): its
     kwargs and diffusion settings (``noise_schedule`` / ``diffusion_steps`` override them), checked
     with ``build_checked(class_name, kwargs)`` before the weights are read."""
-    import time
-
     started = time.perf_counter()
     class_name, kwargs, diffusion, source = released_config(
         preset, config, presets=presets, class_name=class_name, what=what, diffusion_presets=diffusion_presets)
@@ -556,11 +539,11 @@ def convert_diffusion_model(src, dst, *, family_name: str, what: str, build_chec
         diffusion["noise_schedule"] = noise_schedule
     if diffusion_steps is not None:
         diffusion["diffusion_steps"] = diffusion_steps
-    schedule = diffusion_info(diffusion)
+    schedule = diffusion_schedule(diffusion)
     build_checked(class_name, kwargs)
     return convert_released(src, dst, family_name=family_name, class_name=class_name, kwargs=kwargs,
                             to_variables=lambda sd: to_variables(class_name, kwargs, sd), key=key,
-                            extra=dict(schedule=schedule, source=source), overwrite=overwrite, started=started)
+                            schedule=schedule, extra=dict(source=source), overwrite=overwrite, started=started)
 
 
 def convert(src, dst, *, preset: str | None = None, config=None, key=None, noise_schedule: str | None = None,
@@ -591,15 +574,6 @@ def convert_arguments(parser, *, what: str, class_name: str, presets, diffusion:
     parser.add_argument("--key", help="entry of a wrapped state_dict file (e.g. state_dict)")
 
 
-def discrete_schedule(info: Mapping[str, Any]):
-    """The ``VPDiscrete`` schedule of a config's ``{"type": "VPDiscrete", "noise_schedule", "diffusion_steps"}``."""
-    from jdiffsample import schedules
-
-    if info.get("type") != "VPDiscrete":
-        raise ValueError(f"ADM networks sample on a discrete VP schedule, the config says {info.get('type')!r}")
-    return schedules.VPDiscrete.from_betas(betas_for(info["noise_schedule"], int(info["diffusion_steps"])))
-
-
 def model_steps(x, t, schedule):
     """The network's timestep argument ``[B]`` for solver time ``t`` of a discrete schedule
     (DPM-Solver's convention t_n = (n + 1) / N <-> index n, fractional in between)."""
@@ -608,8 +582,6 @@ def model_steps(x, t, schedule):
 
 def _denoise(module, variables, x, t, labels, schedule):
     """Epsilon prediction (the first ``in_channels`` outputs) as a data prediction."""
-    from jdiffsample import models
-
     eps = module.apply(variables, x, model_steps(x, t, schedule), labels)[..., : module.in_channels]
     return models.x0_from_eps(x, eps, t, schedule)
 
@@ -629,10 +601,11 @@ def check_eps(module) -> UNetModel:
 FAMILY = family.Family(
     name="adm", description="openai/guided-diffusion UNetModel (epsilon prediction, discrete VP schedule)",
     build=lambda class_name, kwargs, dtype=jnp.float32: _build_checked(class_name, kwargs, dtype),
-    example_inputs=example_inputs, convert=convert,
-    convert_arguments=lambda p: convert_arguments(p, what="model", class_name="UNetModel", presets=PRESETS),
-    schedule_info=lambda class_name, kwargs, extra: diffusion_info(extra.get("diffusion")),
-    schedule=discrete_schedule, denoise=_denoise,
-    sample_shape=lambda m: (m.image_size, m.image_size, m.in_channels),
-    num_classes=lambda m: int(m.num_classes or 0), skip_tuning=True,
+    example_inputs=example_inputs,
+    conversion=family.Conversion(
+        convert, lambda p: convert_arguments(p, what="model", class_name="UNetModel", presets=PRESETS),
+        schedule=lambda class_name, kwargs, extra: diffusion_schedule(extra.get("diffusion"))),
+    sampling=family.Sampling(
+        denoise=_denoise, sample_shape=lambda m: (m.image_size, m.image_size, m.in_channels),
+        num_classes=lambda m: int(m.num_classes or 0), skip_tuning=True),
 )

@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample.nets import adm, family, statedict
+from jdiffsample.nets import adm, family
+from jdiffsample.nets.formats import statedict
 from jdiffsample.nets.adm import AttentionBlock, ResBlock, timestep_embedding
 
 __all__ = ["PRESETS", "POOLS", "EncoderUNetModel", "AttentionPool2d", "build", "example_inputs", "LAYOUT",
@@ -230,7 +231,7 @@ LAYOUT = statedict.Layout(key=adm.LAYOUT.key, shape=_torch_shape, convert=_to_fl
 
 def convert_state_dict(class_name: str, kwargs: Mapping[str, Any], state_dict: Mapping[str, Any]) -> dict:
     """Flax ``variables`` ``{"params": ...}`` (float32) from a guided-diffusion classifier state_dict;
-    strict (:func:`jdiffsample.nets.statedict.match`)."""
+    strict (:func:`jdiffsample.nets.formats.statedict.match`)."""
     module = build(class_name, kwargs)
     abstract = jax.eval_shape(module.init, jax.random.key(0), *example_inputs(module))
     return statedict.match(abstract, state_dict, layout=LAYOUT, what=f"the {class_name} kwargs")
@@ -264,9 +265,10 @@ def _classify(module: EncoderUNetModel, variables, x, t, schedule):
 FAMILY = family.Family(
     name="adm-classifier",
     description="openai/guided-diffusion EncoderUNetModel: the noisy-image classifier of classifier guidance",
-    build=build, example_inputs=example_inputs, convert=convert,
-    convert_arguments=lambda p: adm.convert_arguments(p, what="classifier", class_name="EncoderUNetModel",
-                                                      presets=PRESETS, diffusion=False),
-    sample_shape=lambda m: (m.image_size, m.image_size, m.in_channels), num_classes=lambda m: int(m.out_channels),
+    build=build, example_inputs=example_inputs,
+    conversion=family.Conversion(
+        convert, lambda p: adm.convert_arguments(p, what="classifier", class_name="EncoderUNetModel",
+                                                 presets=PRESETS, diffusion=False)),
     classify=_classify,
+    classifier_shape=lambda m: ((m.image_size, m.image_size, m.in_channels), int(m.out_channels)),
 )

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample.nets import adm, family, statedict
+from jdiffsample import models
+from jdiffsample.nets import adm, family
+from jdiffsample.nets.formats import statedict
 
 __all__ = ["PRESETS", "DIFFUSION_PRESETS", "SuperResModel", "resize_bilinear", "build", "example_inputs",
            "convert_state_dict", "denoise", "convert", "FAMILY"]
@@ -123,8 +125,6 @@ def denoise(module: SuperResModel, variables, x, t, labels, schedule, *, low_res
     """Data prediction of the upsampler at time ``t``: the epsilon half of its output at timestep
     ``schedule.model_time(t)`` (as ``adm``'s denoiser), conditioned on ``low_res`` [B, h, w, C]
     (required) and ``labels`` (int [B], or None for an unconditional upsampler)."""
-    from jdiffsample import models
-
     if low_res is None:
         raise ValueError("the upsampler's denoiser needs low_res, the image to upsample ([B, h, w, C] in [-1, 1])")
     out = module.apply(variables, x, adm.model_steps(x, t, schedule), low_res=low_res, y=labels)
@@ -152,11 +152,11 @@ FAMILY = family.Family(
     description="openai/guided-diffusion SuperResModel upsampler (epsilon prediction, discrete VP schedule; "
                 "conditioned on low_res)",
     build=lambda class_name, kwargs, dtype=jnp.float32: adm.check_eps(build(class_name, kwargs, dtype=dtype)),
-    example_inputs=example_inputs, convert=convert,
-    convert_arguments=lambda p: adm.convert_arguments(p, what="upsampler", class_name="SuperResModel",
-                                                      presets=PRESETS),
-    schedule_info=lambda class_name, kwargs, extra: adm.diffusion_info(extra.get("diffusion")),
-    schedule=adm.discrete_schedule, denoise=denoise,
-    sample_shape=lambda m: (m.image_size, m.image_size, m.in_channels),
-    num_classes=lambda m: int(m.num_classes or 0), skip_tuning=True, conditioning=lambda m: ("low_res",),
+    example_inputs=example_inputs,
+    conversion=family.Conversion(
+        convert, lambda p: adm.convert_arguments(p, what="upsampler", class_name="SuperResModel", presets=PRESETS),
+        schedule=lambda class_name, kwargs, extra: adm.diffusion_schedule(extra.get("diffusion"))),
+    sampling=family.Sampling(
+        denoise=denoise, sample_shape=lambda m: (m.image_size, m.image_size, m.in_channels),
+        num_classes=lambda m: int(m.num_classes or 0), skip_tuning=True, conditioning=lambda m: ("low_res",)),
 )

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample.nets import diffusers_folder, statedict
+from jdiffsample.nets.formats import diffusers_folder, statedict
 from jdiffsample.nets.diffusers_blocks import torch_key
 
 __all__ = ["CLIPTextModel", "build", "example_inputs", "convert_state_dict", "load_folder", "CLASS_NAMES",

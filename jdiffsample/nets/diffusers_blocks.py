@@ -26,7 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jdiffsample.nets import edm, statedict
+from jdiffsample.nets.formats import statedict
+from jdiffsample.nets.layers import Conv2d, GroupNorm, attention
 
 __all__ = ["torch_key", "LAYOUT", "group_norm", "conv2d", "ResnetBlock2D", "Downsample2D",
            "Upsample2D", "Attention", "nearest_resize"]
@@ -47,11 +48,11 @@ LAYOUT = statedict.Layout(key=torch_key)
 
 def group_norm(x: jax.Array, num_groups: int, eps: float, name: str) -> jax.Array:
     """``torch.nn.GroupNorm`` (affine, contiguous channel groups) computed in float32, returned in
-    ``x.dtype`` (:func:`jdiffsample.nets.edm.group_norm`); call inside a compact method (the
+    ``x.dtype`` (:func:`jdiffsample.nets.layers.group_norm`); call inside a compact method (the
     parameters are ``name/scale``, ``name/bias``)."""
     if x.shape[-1] % num_groups:
         raise ValueError(f"{name}: {x.shape[-1]} channels are not divisible into {num_groups} groups")
-    return edm.GroupNorm(eps=eps, dtype=x.dtype, num_groups=num_groups, name=name)(x)
+    return GroupNorm(eps=eps, dtype=x.dtype, num_groups=num_groups, name=name)(x)
 
 
 def conv2d(features: int, name: str | None, dtype: Dtype, kernel: int = 3, stride: int = 1,
@@ -60,7 +61,7 @@ def conv2d(features: int, name: str | None, dtype: Dtype, kernel: int = 3, strid
     ``name=None`` in ``setup``, where the attribute names the module. A plain 1x1 convolution is
     computed as a matrix product (:class:`jdiffsample.nets.edm.Conv2d`, same parameters)."""
     if kernel == 1 and stride == 1 and padding is None:
-        return edm.Conv2d(features, 1, use_bias=use_bias, dtype=dtype, name=name)
+        return Conv2d(features, 1, use_bias=use_bias, dtype=dtype, name=name)
     if padding is None:
         padding = ((kernel // 2, kernel // 2),) * 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
@@ -208,7 +209,7 @@ class Attention(nn.Module):
 
         q, k, v = project("to_q", h), project("to_k", context), project("to_v", context)
         # float32 logits and softmax, the weights cast back to dtype for the sum over v
-        a = edm.attention(q * dim_head**-0.5, k, v)
+        a = attention(q * dim_head**-0.5, k, v)
         out = nn.Dense(channels, use_bias=self.out_bias, dtype=self.dtype, name="to_out_0")(a)
         if self.residual_connection:
             out = out + x

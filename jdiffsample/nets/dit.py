@@ -33,7 +33,9 @@ from __future__ import annotations
 import functools
 import math
 import re
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -41,7 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample.nets import edm, family, statedict, torchfile
+from jdiffsample import models
+from jdiffsample.nets import adm, family
+from jdiffsample.nets.formats import checkpoint, statedict, torchfile
+from jdiffsample.nets.latent import vae_path
+from jdiffsample.nets.layers import attention
 
 __all__ = [
     "DIT_CONFIGS",
@@ -135,7 +141,7 @@ class Attention(nn.Module):
         qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x)
         # -> [q/k/v, batch, head, token, channel]; logits and softmax in float32
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, head).transpose(2, 0, 3, 1, 4)
-        a = edm.attention(q * (1 / math.sqrt(head)), k, v)
+        a = attention(q * (1 / math.sqrt(head)), k, v)
         return nn.Dense(d, dtype=self.dtype, name="proj")(a)
 
 
@@ -436,15 +442,10 @@ def convert(src, dst, *, arch: str | None = None, config=None, vae=None, overwri
     ``train.py`` args or the weights themselves (:func:`infer_kwargs`). ``vae``: a converted VAE
     folder (``jdiffsample convert vae``) recorded as the one that decodes this model's latents.
     """
-    import time
-    from pathlib import Path
-
-    from jdiffsample.nets import checkpoint
-    from jdiffsample.nets.latent import vae_path
-
     start = time.perf_counter()
     if Path(src).is_dir() or not Path(src).is_file():
         raise ValueError(f"{src}: no such file")
+    checkpoint.check_destination(dst, overwrite, sources=[src])
     if arch is not None and config is not None:
         raise ValueError("give at most one of --arch and --config")
     state_dict, info = load_checkpoint(src)
@@ -461,7 +462,8 @@ def convert(src, dst, *, arch: str | None = None, config=None, vae=None, overwri
     tensors = len(state_dict)
     del state_dict
     return checkpoint.save_converted(dst, "dit", "DiT", kwargs, variables, tensors=tensors, started=start,
-                                     extra=extra, overwrite=overwrite)
+                                     schedule=adm.diffusion_schedule(None), extra=extra, overwrite=overwrite,
+                                     sources=[src])
 
 
 def _convert_arguments(parser) -> None:
@@ -474,36 +476,23 @@ def _convert_arguments(parser) -> None:
 def _denoise(module, variables, x, t, labels, schedule):
     """Epsilon (the first ``in_channels`` outputs) as a data prediction; label -1 (or None) is
     the null label ``num_classes``."""
-    from jdiffsample import models
-    from jdiffsample.nets import adm
-
     null = jnp.full(x.shape[:1], module.num_classes, jnp.int32)
     y = null if labels is None else jnp.where(labels < 0, null, labels)
     eps = module.apply(variables, x, adm.model_steps(x, t, schedule), y)[..., : module.in_channels]
     return models.x0_from_eps(x, eps, t, schedule)
 
 
-def _schedule(info):
-    from jdiffsample.nets import adm
-
-    return adm.discrete_schedule(info)
-
-
-def _schedule_info(class_name, kwargs, extra) -> dict:
-    """DiT's diffusion: guided-diffusion's linear betas over 1000 steps."""
-    from jdiffsample.nets import adm
-
-    return adm.diffusion_info(None)
-
-
 FAMILY = family.Family(
     name="dit", description="facebookresearch/DiT (latent transformer; epsilon prediction, discrete VP schedule)",
     build=lambda class_name, kwargs, dtype=jnp.float32: build(class_name, kwargs, dtype=dtype),
-    example_inputs=example_inputs, convert=convert, convert_arguments=_convert_arguments,
-    schedule_info=_schedule_info, schedule=_schedule, denoise=_denoise,
-    sample_shape=lambda m: (m.input_size, m.input_size, m.in_channels),
-    num_classes=lambda m: int(m.num_classes), has_null_label=lambda m: m.class_dropout_prob > 0,
-    # the original sample.py guides 3 of the 4 latent channels (forward_with_cfg): the default,
-    # so that its FID numbers are reproduced; --guidance-channels all is the textbook form
-    guidance_channels=lambda m: 3 if m.in_channels == 4 else None,
+    example_inputs=example_inputs,
+    # DiT's diffusion: guided-diffusion's linear betas over 1000 steps
+    conversion=family.Conversion(convert, _convert_arguments,
+                                 schedule=lambda class_name, kwargs, extra: adm.diffusion_schedule(None)),
+    sampling=family.Sampling(
+        denoise=_denoise, sample_shape=lambda m: (m.input_size, m.input_size, m.in_channels),
+        num_classes=lambda m: int(m.num_classes), has_null_label=lambda m: m.class_dropout_prob > 0,
+        # the original sample.py guides 3 of the 4 latent channels (forward_with_cfg): the default,
+        # so that its FID numbers are reproduced; --guidance-channels all is the textbook form
+        guidance_channels=lambda m: 3 if m.in_channels == 4 else None),
 )

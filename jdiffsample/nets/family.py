@@ -1,25 +1,102 @@
 """Network families: what is known about one kind of network, declared once in its own module.
 
 A family module (``jdiffsample/nets/edm.py``, ``adm.py``, ...) holds the Flax port and ends with
-``FAMILY = Family(...)``: how to build the module from the original constructor's kwargs, how to
-convert the original files (its ``jdiffsample convert`` sub-command), the schedule and
-prediction type, how to call the network as a denoiser and how labels condition it. Nothing
-outside the family module branches on the family: the rest of the package asks :func:`get`.
-
-Families are found by looking for ``FAMILY`` in the modules of this package, so adding one is
-adding one file.
+``FAMILY = Family(...)``; :mod:`jdiffsample.nets.families` lists every family in one tuple. A
+family says how to build its Flax module from the original constructor's kwargs, and then, in two
+separate records, what converting its files needs (:class:`Conversion`: the ``jdiffsample
+convert`` sub-command) and what sampling from it needs (:class:`Sampling`: the denoiser, its
+conditioning, shapes and guidance defaults; None for networks that are not diffusion models).
+Nothing outside the family module branches on the family.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
-from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Callable
 
-__all__ = ["Family", "get", "get_family", "names", "all_families"]
+__all__ = ["Family", "Conversion", "Sampling"]
+
+
+def _none(module):
+    return None
+
+
+def _no_conditioning(module) -> tuple:
+    return ()
+
+
+def _zero(module) -> int:
+    return 0
+
+
+def _false(module) -> bool:
+    return False
+
+
+def _epsilon(module) -> str:
+    return "epsilon"
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+    """What ``jdiffsample convert FAMILY SRC DST`` needs.
+
+    Attributes:
+      convert: ``(src, dst, *, overwrite=False, **options) -> dict`` summary: reads the original files,
+        writes a checkpoint with :func:`jdiffsample.nets.save_converted`.
+      arguments: ``parser -> None``: the sub-command's options besides SRC and DST (their ``dest``
+        names are ``convert``'s keyword options).
+      schedule: ``(class_name, kwargs, extra) -> Schedule``: the schedule :func:`jdiffsample.nets.save`
+        records when the caller gives none (diffusion models only).
+    """
+
+    convert: Callable
+    arguments: Callable[[Any], None] = lambda parser: None
+    schedule: Callable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """What sampling from a diffusion network of the family needs. Functions of the Flax ``module``
+    read its configuration; the others take a :class:`jdiffsample.nets.Model`.
+
+    Attributes:
+      denoise: ``(module, variables, x, t, labels, schedule, **conditioning) -> x0_hat`` in the
+        schedule's coordinates (``t`` a scalar time; ``labels`` int32 ``[B]``, -1 the null label, or
+        None; ``conditioning`` the arrays named by ``conditioning``).
+      sample_shape: ``module -> (H, W, C)`` of what the model samples (latents for latent models).
+      num_classes: ``module -> int`` (0: unconditional).
+      has_null_label: ``module -> bool``: label -1 is the unconditional model (classifier-free
+        guidance with this network alone works).
+      guidance_channels: ``module -> int | None``: the default number of leading channels guidance
+        acts on (None: all).
+      conditioning: ``module -> tuple`` of the names of per-sample arrays ``denoise`` needs besides
+        labels (the upsampler's ``low_res``, text embeddings).
+      encode_prompts: text-conditional families: ``(model, folder, prompts, height, width, **options)
+        -> {name: [P, ...]}``, the conditioning arrays of each prompt.
+      sample_shape_at: families that sample any size: ``(module, height, width) -> (h, w, c)``
+        (``ValueError`` for a size the network cannot take).
+      prediction: ``module -> 'epsilon' | 'v_prediction' | 'sample'``: the network's output type, the
+        space in which guidance rescale measures standard deviations.
+      grids: time grids of the family's own, ``{name: (model, n_steps) -> N + 1 times}``.
+      skip_tuning: whether the module carries Skip-Tuning scales (the ``"skip"`` collection).
+      sharding: ``(path, shape, n) -> axis | None``: the axis along which a parameter is split over
+        ``n`` devices (None: the generic rule of :mod:`jdiffsample.nets.sharding`).
+    """
+
+    denoise: Callable
+    sample_shape: Callable
+    num_classes: Callable[[Any], int] = _zero
+    has_null_label: Callable[[Any], bool] = _false
+    guidance_channels: Callable[[Any], int | None] = _none
+    conditioning: Callable[[Any], tuple] = _no_conditioning
+    encode_prompts: Callable | None = None
+    sample_shape_at: Callable | None = None
+    prediction: Callable[[Any], str] = _epsilon
+    grids: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+    skip_tuning: bool = False
+    sharding: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,105 +104,27 @@ class Family:
     """One network family.
 
     Attributes:
-      name: the family's name (``config.json``'s ``family``, the ``convert`` sub-command).
+      name: ``config.json``'s ``family`` and the ``convert`` sub-command.
       description: one line for help texts.
-      build: ``(class_name, kwargs, *, dtype) -> flax module`` from the original constructor's
-        keyword arguments.
+      build: ``(class_name, kwargs, *, dtype) -> flax module`` from the original constructor's kwargs.
       example_inputs: ``module -> tuple`` of arrays for ``module.init(key, *inputs)``.
-      convert: ``(src, dst, *, overwrite=False, **options) -> dict`` summary: reads the original
-        files, writes a checkpoint with :func:`jdiffsample.nets.checkpoint.save`.
-      convert_arguments: ``parser -> None``: the sub-command's options besides SRC and DST (their
-        ``dest`` names are ``convert``'s keyword options).
-      schedule_info: ``(class_name, kwargs, extra) -> dict``: the schedule recorded in
-        ``config.json`` when the converter gives none (None: not a diffusion model).
-      schedule: ``info -> jdiffsample.schedules.Schedule``.
-      denoise: ``(module, variables, x, t, labels, schedule) -> x0_hat`` in the schedule's
-        coordinates (``t`` a scalar time; ``labels`` int32 ``[B]``, -1 the null label, or None).
-      sample_shape: ``module -> (H, W, C)`` of what the model samples.
-      num_classes: ``module -> int`` (0: unconditional).
-      has_null_label: ``module -> bool``: whether label -1 (unconditional) is meaningful, i.e.
-        classifier-free guidance with this network alone works.
-      guidance_channels: ``module -> int | None``: the default number of leading channels that
-        guidance acts on (None: all).
-      conditioning: ``module -> tuple`` of the names of per-sample arrays ``denoise`` needs besides
-        labels, passed as keyword arguments (the upsampler's ``low_res``, Stable Diffusion's text
-        embeddings).
-      encode_prompts: text-conditional families: ``(model, prompts, height, width) -> {name: [P, ...]}``,
-        the conditioning arrays of each prompt (a :class:`jdiffsample.nets.Model` is passed).
-      sample_shape_at: families that sample any size: ``(module, height, width) -> (h, w, c)`` of
-        the samples for images of ``height`` x ``width`` pixels (``ValueError`` for a bad size).
-      prediction: ``module -> 'epsilon' | 'v_prediction' | 'sample'``: the network's output, the
-        space in which guidance rescale (Lin et al. 2023) measures standard deviations.
-      grids: time grids of the family's own, ``{name: (model, n_steps) -> N + 1 times}``
-        (Stable Diffusion's ``diffusers``: the timesteps of the folder's diffusers scheduler).
-      classify: for noisy-image classifiers: ``(module, variables, x, t, schedule) -> logits`` at
-        the diffusion model's time ``t`` (classifier guidance).
-      skip_tuning: whether the module carries Skip-Tuning scales (the ``"skip"`` collection).
+      conversion: :class:`Conversion`.
+      sampling: :class:`Sampling`, or None for networks that are not diffusion models.
+      classify: noisy-image classifiers: ``(module, variables, x, t, schedule) -> logits`` at the
+        diffusion model's time ``t`` (classifier guidance); ``sample_shape`` and ``num_classes``
+        of a classifier are read from ``classifier_shape``.
+      classifier_shape: classifiers: ``module -> ((H, W, C), num_classes)``.
     """
 
     name: str
     description: str
     build: Callable
     example_inputs: Callable
-    convert: Callable
-    convert_arguments: Callable
-    schedule_info: Callable | None = None
-    schedule: Callable | None = None
-    denoise: Callable | None = None
-    sample_shape: Callable | None = None
-    num_classes: Callable[[Any], int] = lambda module: 0
-    has_null_label: Callable[[Any], bool] = lambda module: False
-    guidance_channels: Callable[[Any], int | None] = lambda module: None
-    conditioning: Callable[[Any], tuple] = lambda module: ()
-    encode_prompts: Callable | None = None
-    sample_shape_at: Callable | None = None
-    prediction: Callable[[Any], str] = lambda module: "epsilon"
-    grids: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+    conversion: Conversion
+    sampling: Sampling | None = None
     classify: Callable | None = None
-    skip_tuning: bool = False
+    classifier_shape: Callable | None = None
 
     @property
     def is_diffusion_model(self) -> bool:
-        return self.denoise is not None
-
-
-_FAMILIES: dict[str, Family] = {}
-_SCANNED = False
-
-
-def _scan() -> None:
-    global _SCANNED
-    if _SCANNED:
-        return
-    import jdiffsample.nets as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        source = Path(package.__path__[0]) / f"{info.name}.py"
-        if info.name.startswith("_") or not source.is_file() or "\nFAMILY = " not in source.read_text():
-            continue
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        family = getattr(module, "FAMILY", None)
-        if isinstance(family, Family):
-            _FAMILIES[family.name] = family
-    _SCANNED = True
-
-
-def names() -> list[str]:
-    """Names of all families, sorted."""
-    _scan()
-    return sorted(_FAMILIES)
-
-
-def all_families() -> list[Family]:
-    return [_FAMILIES[name] for name in names()]
-
-
-def get(name: str) -> Family:
-    """The family ``name``; ``ValueError`` naming the known ones."""
-    _scan()
-    if name not in _FAMILIES:
-        raise ValueError(f"unknown network family {name!r}; choose one of {', '.join(names())}")
-    return _FAMILIES[name]
-
-
-get_family = get
+        return self.sampling is not None

@@ -3,7 +3,7 @@
 The standard FID features are the 2048 pooled activations of the InceptionV3 graph released with
 TensorFlow's FID code ("2015-12-05"). pytorch-fid ships those weights as a PyTorch state dict,
 ``pt_inception-2015-12-05-6726825d.pth``; this module is a Flax network with the same layers and
-:func:`load_params` reads that file (with :mod:`jdiffsample.nets.torchfile`: no torch, no code
+:func:`load_params` reads that file (with :mod:`jdiffsample.nets.formats.torchfile`: no torch, no code
 from the file). The weights are not shipped with jdiffsample.
 
 The FID graph differs from torchvision's ``inception_v3`` in its pooling branches: the average
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jdiffsample import xla_options
-from jdiffsample.nets import statedict, torchfile
+from jdiffsample.nets.formats import statedict, torchfile
 
 __all__ = ["InceptionV3", "load_params", "init_shapes", "RESOLUTION", "DIM"]
 

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiffsample.nets.formats import checkpoint
+
 __all__ = ["Decoder", "decoder", "vae_path", "RANGES"]
 
 RANGES = ("[-1,1]", "[0,1]")
@@ -99,10 +101,8 @@ def vae_path(vae, channels: int) -> str | None:
     absolute path a latent model's config records."""
     if vae is None:
         return None
-    from jdiffsample.nets import checkpoint
-
     path = checkpoint.resolve(vae)
-    config = checkpoint.load_config(path)
+    config = checkpoint.read_config(path)
     if config["family"] != "vae":
         raise ValueError(f"{vae} is a {config['family']} network, not a VAE (jdiffsample convert vae)")
     if int(config["kwargs"].get("latent_channels", 4)) != channels:

@@ -30,7 +30,6 @@ the network predicts ``epsilon``, ``v_prediction`` or ``sample`` (``prediction_t
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,11 +40,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample.nets import clip, diffusers_folder, family, sd_unet
+from jdiffsample import schedules
+from jdiffsample.nets import clip, family, sd_unet
 from jdiffsample.nets import vae as vae_net
+from jdiffsample.nets.formats import checkpoint, diffusers_folder
+from jdiffsample.tokenizer import FILES as TOKENIZER_FILES
+from jdiffsample.tokenizer import CLIPTokenizer
 
 __all__ = ["StableDiffusion", "PIPELINES", "build", "example_inputs", "convert", "unet_denoise", "time_ids",
-           "betas", "schedule_info", "schedule", "load_tokenizers", "FAMILY"]
+           "schedule", "prediction", "load_tokenizers", "FAMILY"]
 
 Dtype = Any
 #: Supported pipeline classes and their network parts.
@@ -58,8 +61,6 @@ _CLASSES = {"unet": sd_unet.CLASS_NAMES, "vae": vae_net.CLASS_NAMES, "text_encod
             "text_encoder_2": clip.CLASS_NAMES, "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
             "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast")}
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-_ZERO_SNR_ALPHA_BAR = 2.0 ** -24  # diffusers' stand-in for the zero last alpha_bar of a zero-SNR schedule
 
 
 class StableDiffusion(nn.Module):
@@ -210,9 +211,7 @@ def encode_prompts(model, folder, prompts, height: int, width: int) -> dict:
 
 
 def checkpoint_config(folder) -> dict:
-    from jdiffsample.nets import checkpoint
-
-    return checkpoint.load_config(folder)
+    return checkpoint.read_config(folder)
 
 
 def _sample_shape_at(module: StableDiffusion, height: int, width: int) -> tuple[int, int, int]:
@@ -227,43 +226,6 @@ def _sample_shape_at(module: StableDiffusion, height: int, width: int) -> tuple[
 # The schedule
 
 
-def betas(scheduler_config: Mapping[str, Any]) -> np.ndarray:
-    """float64 betas of a diffusers scheduler config (``trained_betas``, or ``beta_schedule`` over
-    ``num_train_timesteps`` from ``beta_start`` to ``beta_end``; ``rescale_betas_zero_snr`` is
-    applied by :func:`alphas_cumprod`)."""
-    from jdiffsample.nets.adm import betas_for
-
-    cfg = scheduler_config
-    n = int(cfg.get("num_train_timesteps", 1000))
-    if cfg.get("trained_betas") is not None:
-        return np.asarray(cfg["trained_betas"], np.float64)
-    kind = cfg.get("beta_schedule", "linear")
-    start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
-    if kind == "linear":
-        return np.linspace(start, end, n, dtype=np.float64)
-    if kind == "scaled_linear":
-        return np.linspace(start ** 0.5, end ** 0.5, n, dtype=np.float64) ** 2
-    if kind == "squaredcos_cap_v2":
-        return betas_for("cosine", n)
-    raise ValueError(f"scheduler beta_schedule={kind!r} is not supported; allowed: {', '.join(BETA_SCHEDULES)} "
-                     f"or trained_betas")
-
-
-def alphas_cumprod(info: Mapping[str, Any]) -> np.ndarray:
-    """``alpha_bar`` of the training steps; with ``rescale_betas_zero_snr`` sqrt(alpha_bar) is shifted
-    and scaled to end at 0 (Lin et al. 2024) and the last entry set to 2**-24, as diffusers' samplers do."""
-    abar = np.cumprod(1.0 - betas(info))
-    if info.get("rescale_betas_zero_snr"):
-        s = np.sqrt(abar)
-        s = (s - s[-1]) * s[0] / (s[0] - s[-1])
-        abar = s ** 2
-        abar[-1] = _ZERO_SNR_ALPHA_BAR
-    return abar
-
-
-_SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
-                  "rescale_betas_zero_snr", "prediction_type", "timestep_spacing", "steps_offset",
-                  "final_sigmas_type")
 SPACINGS = ("linspace", "leading", "trailing")
 
 
@@ -291,29 +253,21 @@ def diffusers_times(info: Mapping[str, Any], n_steps: int) -> np.ndarray:
     return np.append(times, final)
 
 
-def schedule_info(scheduler_config: Mapping[str, Any], prediction_type: str | None = None) -> dict:
-    """The ``schedule`` entry of a converted checkpoint's config (validated): the betas' settings and
-    the prediction type (``prediction_type`` overrides the scheduler's)."""
-    info = {k: scheduler_config[k] for k in _SCHEDULE_KEYS if k in scheduler_config}
-    info = dict(type="VPDiscrete", **info)
-    info["prediction_type"] = prediction_type or info.get("prediction_type", "epsilon")
-    if info["prediction_type"] not in PREDICTION_TYPES:
-        raise ValueError(f"scheduler prediction_type={info['prediction_type']!r} is not supported; allowed: "
-                         f"{', '.join(PREDICTION_TYPES)}")
-    schedule(info)  # validates the betas
-    return info
-
-
-def schedule(info: Mapping[str, Any]):
-    """The :class:`jdiffsample.schedules.VPDiscrete` of a ``schedule`` entry."""
-    from jdiffsample import schedules
-
-    if info.get("type") != "VPDiscrete":
-        raise ValueError(f"Stable Diffusion samples on a discrete VP schedule, the config says {info.get('type')!r}")
+def schedule(scheduler_config: Mapping[str, Any]) -> schedules.VPDiscrete:
+    """The :class:`jdiffsample.schedules.VPDiscrete` of a diffusers scheduler config (``ValueError``
+    naming what is wrong)."""
     try:
-        return schedules.VPDiscrete(alphas_cumprod(info))
+        return schedules.VPDiscrete.from_diffusers(scheduler_config)
     except ValueError as err:
         raise ValueError(f"the scheduler's betas do not give a valid schedule ({err})") from None
+
+
+def prediction(scheduler_config: Mapping[str, Any], override: str | None = None) -> str:
+    """What the UNet predicts: ``override`` or the scheduler config's ``prediction_type``, checked."""
+    kind = override or scheduler_config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type={kind!r} is not supported; allowed: {', '.join(PREDICTION_TYPES)}")
+    return kind
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,8 +275,6 @@ def schedule(info: Mapping[str, Any]):
 
 
 def _read_index(src: Path) -> tuple[str, dict]:
-    from jdiffsample.nets import checkpoint
-
     if not (src / "model_index.json").is_file():
         raise ValueError(f"{src} is not a diffusers pipeline folder (no model_index.json)")
     index = checkpoint.read_json(src / "model_index.json", "model_index.json")
@@ -373,16 +325,11 @@ def convert(src, dst, *, overwrite: bool = False, prediction_type: str | None = 
     without executing code), the tokenizer folders and the scheduler config; ``prediction_type``
     overrides the scheduler's. Everything is checked before anything is written.
     """
-    from jdiffsample.nets import checkpoint
-    from jdiffsample.tokenizer import FILES as TOKENIZER_FILES
-    from jdiffsample.tokenizer import CLIPTokenizer
-
     start = time.perf_counter()
     src = Path(src)
     if not src.is_dir():
         raise ValueError(f"{src}: no such folder (give a diffusers pipeline folder with model_index.json)")
-    if Path(dst).exists() and not overwrite:  # before minutes of conversion, as save() would
-        raise FileExistsError(f"{Path(dst).absolute()} already exists (pass overwrite=True to replace it)")
+    checkpoint.check_destination(dst, overwrite, sources=[src])  # before minutes of conversion
     class_name, index = _read_index(src)
     parts = PIPELINES[class_name]
     classes = {part: _check_part(src, index, part) for part in parts}
@@ -399,14 +346,14 @@ def convert(src, dst, *, overwrite: bool = False, prediction_type: str | None = 
     if not scheduler_file.is_file():
         raise ValueError(f"{src}: scheduler/scheduler_config.json is missing")
     scheduler = checkpoint.read_json(scheduler_file, "scheduler config")
-    info = schedule_info(scheduler, prediction_type)
+    kind, sched = prediction(scheduler, prediction_type), schedule(scheduler)
 
     configs: dict[str, Any] = {}
     for part in parts:
         config = diffusers_folder.read_config(src / part)
         configs[part] = ({"_class_name": classes[part], **_public(config)} if part.startswith("text_encoder")
                          else _public(config))
-    kwargs = dict(configs, prediction_type=info["prediction_type"])
+    kwargs = dict(configs, prediction_type=kind)
     module = build(class_name, kwargs)
     _check_consistent(module)
 
@@ -426,30 +373,22 @@ def convert(src, dst, *, overwrite: bool = False, prediction_type: str | None = 
         params[part] = converted["params"]
         tensors += len(state_dict)
         del state_dict, converted
-    extra = dict(schedule=info, scheduler=scheduler, tokenizers=tokenizers, latent=dict(vae="internal", range="[-1,1]"),
+    extra = dict(scheduler=scheduler, tokenizers=tokenizers, latent=dict(vae="internal", range="[-1,1]"),
                  source=dict(kind="diffusers", folder=src.name, model_index=index))
     files = {f"{name}/{f}": src / name / f for name, tok in tokenizers.items() for f in tok["files"]}
     return checkpoint.save_converted(dst, "sd", class_name, kwargs, {"params": params, "skip": {"unet": skip}},
-                                     tensors=tensors, started=start, extra=extra, overwrite=overwrite, files=files)
+                                     tensors=tensors, started=start, schedule=sched, extra=extra,
+                                     overwrite=overwrite, files=files, sources=[src])
 
 
 def load_tokenizers(checkpoint_dir) -> list:
     """The tokenizers of a converted checkpoint (:class:`jdiffsample.tokenizer.CLIPTokenizer`), one
     per text encoder, in order."""
-    from jdiffsample.nets import checkpoint
-    from jdiffsample.tokenizer import CLIPTokenizer
-
-    config = checkpoint.load_config(checkpoint_dir)
+    config = checkpoint.read_config(checkpoint_dir)
     names = sorted(config.get("tokenizers", {}))
     if not names:
         raise ValueError(f"{checkpoint_dir}: the checkpoint records no tokenizers")
     return [CLIPTokenizer.from_folder(Path(checkpoint_dir) / name) for name in names]
-
-
-def _schedule_from_extra(kwargs: Mapping[str, Any], extra: Mapping[str, Any]) -> dict:
-    if not isinstance(extra.get("scheduler"), Mapping):
-        raise ValueError("a Stable Diffusion checkpoint needs the scheduler config (extra 'scheduler') or a schedule")
-    return schedule_info(extra["scheduler"], kwargs.get("prediction_type"))
 
 
 def _convert_arguments(parser) -> None:
@@ -465,10 +404,13 @@ def _sample_shape(module: StableDiffusion) -> tuple[int, int, int]:
 
 FAMILY = family.Family(
     name="sd", description="Stable Diffusion 1.x/2.x/SDXL diffusers pipeline folder (UNet, VAE, CLIP text encoders)",
-    build=build, example_inputs=example_inputs, convert=convert, convert_arguments=_convert_arguments,
-    schedule_info=lambda class_name, kwargs, extra: _schedule_from_extra(kwargs, extra),
-    schedule=schedule, denoise=_denoise, sample_shape=_sample_shape, skip_tuning=True,
-    conditioning=_conditioning, encode_prompts=encode_prompts, sample_shape_at=_sample_shape_at,
-    prediction=lambda module: module.prediction_type,
-    grids={"diffusers": lambda model, n_steps: diffusers_times(json.loads(model.schedule_json), n_steps)},
+    build=build, example_inputs=example_inputs,
+    conversion=family.Conversion(
+        convert, _convert_arguments,
+        schedule=lambda class_name, kwargs, extra: schedule(extra.get("scheduler", {}))),
+    sampling=family.Sampling(
+        denoise=_denoise, sample_shape=_sample_shape, skip_tuning=True, conditioning=_conditioning,
+        encode_prompts=encode_prompts, sample_shape_at=_sample_shape_at,
+        prediction=lambda module: module.prediction_type,
+        grids={"diffusers": lambda model, n_steps: diffusers_times(model.extra.get("scheduler", {}), n_steps)}),
 )

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample.nets import diffusers_folder, statedict
+from jdiffsample.nets.formats import diffusers_folder, statedict
 from jdiffsample.nets.diffusers_blocks import (
     Attention,
     Downsample2D,

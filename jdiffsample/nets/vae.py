@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -49,7 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample.nets import diffusers_folder, family, statedict
+from jdiffsample.nets import family
+from jdiffsample.nets.formats import checkpoint, diffusers_folder, statedict
 from jdiffsample.nets.diffusers_blocks import (LAYOUT, Attention, Downsample2D, ResnetBlock2D,
                                                Upsample2D, conv2d, group_norm)
 
@@ -297,7 +300,7 @@ def convert_state_dict(class_name: str, kwargs: Mapping[str, Any],
 def load_folder(path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(config, state_dict)`` of a diffusers ``AutoencoderKL`` folder (a pipeline's ``vae/``):
     ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or ``.bin``, or the ``.fp16``
-    variants; see :mod:`jdiffsample.nets.diffusers_folder`)."""
+    variants; see :mod:`jdiffsample.nets.formats.diffusers_folder`)."""
     config = diffusers_folder.read_config(path)
     name = config.get("_class_name", "AutoencoderKL")
     if name not in CLASS_NAMES:
@@ -311,14 +314,10 @@ def load_folder(path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 def convert(src, dst, *, overwrite: bool = False) -> dict:
     """Convert a diffusers ``AutoencoderKL`` folder (``config.json`` + weights) to ``dst``."""
-    import time
-    from pathlib import Path
-
-    from jdiffsample.nets import checkpoint
-
     start = time.perf_counter()
     if not Path(src).is_dir():
         raise ValueError(f"{src}: not a folder (a diffusers AutoencoderKL folder holds config.json and the weights)")
+    checkpoint.check_destination(dst, overwrite, sources=[src])
     config, state_dict = load_folder(src)
     kwargs = {k: v for k, v in config.items() if k not in _METADATA}
     variables = convert_state_dict("AutoencoderKL", kwargs, state_dict)
@@ -326,10 +325,10 @@ def convert(src, dst, *, overwrite: bool = False) -> dict:
     del state_dict
     return checkpoint.save_converted(dst, "vae", "AutoencoderKL", kwargs, variables, tensors=tensors, started=start,
                                      extra=dict(source=dict(kind="diffusers", folder=Path(src).name)),
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, sources=[src])
 
 
 FAMILY = family.Family(
     name="vae", description="diffusers AutoencoderKL (the Stable Diffusion VAE that DiT, EDM2 and SD decode with)",
-    build=build, example_inputs=example_inputs, convert=convert, convert_arguments=lambda parser: None,
+    build=build, example_inputs=example_inputs, conversion=family.Conversion(convert),
 )

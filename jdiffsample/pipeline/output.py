@@ -4,32 +4,43 @@
 
     out/manifest.json        settings, their fingerprint, the shard list and package versions
     out/samples_000000.npz   images [0, shard_size):  arr_0 uint8 [n, H, W, C], arr_1 int32 labels
+    out/samples_000000.json  the shard's record: its count, shape, dtype and the SHA-256 of the .npz
     out/samples_000001.npz   images [shard_size, 2 shard_size), ...
     out/grid.png             a preview of the first images
 
-A shard is a fixed index range, written to a hidden temporary name and renamed when complete, so a
-file under a final name is always whole. A rerun with the same settings skips finished shards; a
-rerun with other settings into the same folder is refused.
+A shard is a fixed index range, written to a hidden temporary name and renamed when complete, then
+its record beside it. A shard counts as finished only when it is verified (:func:`verify_shard`): its
+record exists, its bytes hash to the recorded SHA-256, and its arrays have the recorded count,
+shape and dtype. A rerun with the same settings skips verified shards and writes the others again
+(a sample is a pure function of its index, so the images are the same); a rerun with other settings
+into the same folder is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import platform
 import uuid
+import zipfile
 from pathlib import Path
 
+import jax
+import jaxlib
 import numpy as np
 
-__all__ = ["MANIFEST", "PREVIEW", "shard_name", "plan", "fingerprint", "new_manifest", "prepare", "read_manifest",
-           "write_shard", "read_shard", "remove_stale", "finished_shards", "load_samples", "atomic_write",
-           "differences"]
+from jdiffsample.nets.formats import checkpoint
+
+__all__ = ["MANIFEST", "PREVIEW", "shard_name", "record_name", "plan", "fingerprint", "new_manifest", "prepare",
+           "read_manifest", "write_shard", "read_shard", "verify_shard", "remove_stale", "finished_shards",
+           "load_samples", "atomic_write", "differences", "BadShard"]
 
 MANIFEST = "manifest.json"
 PREVIEW = "grid.png"
 FORMAT = "jdiffsample-samples"
-FORMAT_VERSION = 3  # 3: labels and seed as program arguments, the solver registry's resolved options
+FORMAT_VERSION = 4  # 4: the run's plan record (resolved grid, models' digests), verified shards
 RANDOMNESS = ("sample i: k_i = fold_in(key(seed), i); noise fold_in(k_i, 0), label fold_in(k_i, 1), "
               "solver noise fold_in(k_i, 2)")
 LAYOUT = ("samples_XXXXXX.npz: arr_0 uint8 [n, H, W, C] = clip(floor(127.5 x + 128), 0, 255) (latent models: "
@@ -40,6 +51,15 @@ LAYOUT = ("samples_XXXXXX.npz: arr_0 uint8 [n, H, W, C] = clip(floor(127.5 x + 1
 def shard_name(index: int) -> str:
     """File name of shard ``index``."""
     return f"samples_{index:06d}.npz"
+
+
+def record_name(shard_file: str) -> str:
+    """File name of the record (count, shape, dtype, SHA-256) written beside a shard."""
+    return shard_file[: -len(".npz")] + ".json"
+
+
+class BadShard(ValueError):
+    """A shard file that exists but is not what was written (truncated, damaged, unrecorded)."""
 
 
 def plan(num: int, shard_size: int) -> list[dict]:
@@ -54,20 +74,16 @@ def fingerprint(settings: dict) -> str:
 
 
 def versions() -> dict:
-    import platform
-
-    import jax
-    import jaxlib
-
-    from jdiffsample.nets import checkpoint
-
     return dict(checkpoint.versions(), jaxlib=jaxlib.__version__, python=platform.python_version(),
                 backend=jax.default_backend())
 
 
-def new_manifest(settings: dict, model_path: str, shards: list[dict]) -> dict:
+def new_manifest(settings: dict, paths: dict, shards: list[dict], placement: dict | None = None) -> dict:
+    """A run's manifest: its plan record (``settings``: fingerprinted), the networks' folders, the
+    shard list and, not fingerprinted, how the weights were placed (``placement``)."""
     return dict(format=FORMAT, format_version=FORMAT_VERSION, fingerprint=fingerprint(settings), settings=settings,
-                model_path=model_path, randomness=RANDOMNESS, layout=LAYOUT, shards=shards, versions=versions())
+                paths=paths, randomness=RANDOMNESS, layout=LAYOUT, shards=shards, versions=versions(),
+                placement=placement or {})
 
 
 def differences(old: dict, new: dict) -> str:
@@ -75,7 +91,7 @@ def differences(old: dict, new: dict) -> str:
     parts = []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
-            if key == "model":
+            if key in ("model", "models"):
                 parts.append("model: other weights or network config")
             else:
                 a, b = (json.dumps(d.get(key)) for d in (old, new))
@@ -149,8 +165,15 @@ def prepare(out: Path, manifest: dict, log) -> None:
 
 
 def write_shard(out: Path, shard: dict, images: np.ndarray, labels: np.ndarray | None) -> None:
+    """Write a shard (atomically), then its record."""
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
-    atomic_write(out / shard["file"], lambda f: np.savez(f, **arrays))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+    atomic_write(out / shard["file"], lambda f: f.write(data))
+    record = dict(file=shard["file"], start=shard["start"], stop=shard["stop"], shape=list(images.shape),
+                  dtype=images.dtype.name, labels=labels is not None, sha256=hashlib.sha256(data).hexdigest())
+    atomic_write(out / record_name(shard["file"]), lambda f: f.write(json.dumps(record).encode()))
 
 
 def read_shard(path: Path):
@@ -159,27 +182,74 @@ def read_shard(path: Path):
         return data["arr_0"], (data["arr_1"] if "arr_1" in data.files else None)
 
 
+def verify_shard(out: Path, shard: dict, shape, dtype, labels: bool):
+    """``(images, labels or None)`` of a finished shard, verified against its record and the run's
+    ``shape`` (of one sample), ``dtype`` and whether it has labels; :class:`BadShard` naming what is
+    wrong (missing record, other bytes, truncated arrays)."""
+    path = out / shard["file"]
+    try:
+        record = json.loads((out / record_name(shard["file"])).read_text())
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise BadShard(f"{shard['file']}: {Path(err.filename).name} is missing") from None
+    except (OSError, ValueError) as err:
+        raise BadShard(f"{shard['file']}: its record is unreadable ({err})") from None
+    n = shard["stop"] - shard["start"]
+    if not isinstance(record, dict) or record.get("sha256") != hashlib.sha256(data).hexdigest():
+        raise BadShard(f"{shard['file']}: its bytes differ from the ones written (SHA-256 mismatch)")
+    try:
+        with np.load(io.BytesIO(data)) as npz:
+            images = npz["arr_0"]
+            found = npz["arr_1"] if "arr_1" in npz.files else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise BadShard(f"{shard['file']}: unreadable ({err})") from None
+    if images.shape != (n, *shape) or images.dtype != np.dtype(dtype) or (found is not None) != labels or (
+            found is not None and found.shape != (n,)):
+        raise BadShard(f"{shard['file']}: holds {images.dtype} {images.shape}, the run writes {np.dtype(dtype).name} "
+                       f"{(n, *shape)}")
+    return images, found
+
+
 def remove_stale(out: Path, shards: list[dict]) -> None:
     """Delete temporary files left by killed runs for ``shards`` (only this process writes them)."""
     for shard in shards:
-        for tmp in out.glob(f".{shard['file']}.tmp-*"):
-            tmp.unlink(missing_ok=True)
+        for name in (shard["file"], record_name(shard["file"])):
+            for tmp in out.glob(f".{name}.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
+
+def shard_layout(manifest: dict) -> tuple[tuple, str, bool]:
+    """``(shape of one sample, dtype, has labels)`` of a run's shards."""
+    settings = manifest["settings"]
+    dtype = "float32" if settings.get("latents_only") else "uint8"
+    return tuple(settings["output_shape"]), dtype, bool(settings.get("n_classes"))
 
 
 def finished_shards(out) -> list[dict]:
-    """The shard list of a finished run (``ValueError`` naming what is missing otherwise)."""
+    """The shard list of a finished run, every shard verified (``ValueError`` naming the first missing
+    or damaged shard otherwise)."""
     out = Path(out)
-    shards = read_manifest(out)["shards"]
+    manifest = read_manifest(out)
+    shards = manifest["shards"]
     missing = [s["file"] for s in shards if not (out / s["file"]).is_file()]
     if missing:
         raise ValueError(f"{out} is incomplete: {len(missing)} of {len(shards)} shards missing "
                          f"(first: {missing[0]}); rerun the same command to finish it")
+    layout = shard_layout(manifest)
+    for s in shards:
+        try:
+            verify_shard(out, s, *layout)
+        except BadShard as err:
+            raise ValueError(f"{out}: {err}; rerun the same command to write it again") from None
     return shards
 
 
 def load_samples(out) -> tuple[np.ndarray, np.ndarray | None]:
-    """All images (uint8 ``[num, H, W, C]``) and labels (int32 ``[num]`` or None) of a finished run."""
-    parts = [read_shard(Path(out) / s["file"]) for s in finished_shards(out)]
+    """All images (uint8 ``[num, H, W, C]``) and labels (int32 ``[num]`` or None) of a finished run,
+    every shard verified."""
+    out = Path(out)
+    layout = shard_layout(read_manifest(out))
+    parts = [verify_shard(out, s, *layout) for s in finished_shards(out)]
     images = np.concatenate([p[0] for p in parts])
     labels = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
     return images, labels

@@ -17,23 +17,16 @@ import functools
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-
-import importlib
-import pkgutil
 
 from jdiffsample import xla_options
 from jdiffsample.solvers import core, registry
+# The modules that define and register the solvers (a new solver: one module, and its name here).
+from jdiffsample.solvers import ddim, deis, dpmpp, heun, ipndm, sa_solver, unipc  # noqa: F401
 from jdiffsample.solvers.registry import Option, get, register
 
-# Every other module of this package defines and registers solvers: a new solver is a new module.
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in ("core", "registry"):
-        _module = importlib.import_module(f"{__name__}.{_info.name}")
-        globals().update({name: registry.get(name).fn for name in registry.names()
-                          if getattr(_module, name, None) is not None})
-
-__all__ = ["sample", "register", "get", "names", "partition", "combine", "Option", "SOLVERS", *registry.names()]
+__all__ = ["sample", "register", "get", "names", "partition", "combine", "Option", "SOLVERS"]
 
 
 class _Solvers(Mapping):
@@ -111,8 +104,11 @@ def _freeze(value):
 
 def _run(arrays, x, ts, key, *, solver, static, schedule, options, return_trajectory):
     denoise = combine(arrays, static)
-    return registry.get(solver).fn(denoise, x, ts, schedule, key=key, return_trajectory=return_trajectory,
-                                   **dict(options))
+    out = registry.get(solver).fn(denoise, x, ts, schedule, key=key, return_trajectory=return_trajectory,
+                                  **dict(options))
+    # A grid that is not strictly decreasing cannot be refused when it is traced (inside a caller's
+    # jit): the result is NaN instead of a silently wrong sample.
+    return jnp.where(jnp.all(jnp.diff(ts) < 0), out, jnp.nan)
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,13 +122,10 @@ def _program():
     return _jitted(tuple(xla_options.compile_options().items()))
 
 
-def _call(*args, **kwargs):
-    try:
-        return _program()(*args, **kwargs)
-    except ValueError as err:  # called inside the caller's jit: its program takes no options of ours
-        if "compiler_options" not in str(err):
-            raise
-        return _jitted(())(*args, **kwargs)
+def _traced(*trees) -> bool:
+    """Whether any array of ``trees`` is a tracer: ``sample`` is then called inside a caller's
+    ``jit``, whose compiled program takes no compile options of ours."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
 def sample(denoise, x, ts, schedule, solver: str = "unipc", key=None, return_trajectory: bool = False, **options):
@@ -148,5 +141,6 @@ def sample(denoise, x, ts, schedule, solver: str = "unipc", key=None, return_tra
     core.validate(x, ts, schedule, key=key, needs_key=info.needs_key(options))
     frozen = tuple(sorted((k, _freeze(v)) for k, v in options.items()))
     arrays, static = partition(denoise)
-    return _call(arrays, x, ts, key, solver=solver, static=static, schedule=schedule, options=frozen,
-                 return_trajectory=return_trajectory)
+    program = _jitted(()) if _traced(arrays, x, ts, key) else _program()
+    return program(arrays, x, ts, key, solver=solver, static=static, schedule=schedule, options=frozen,
+                   return_trajectory=return_trajectory)

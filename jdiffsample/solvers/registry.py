@@ -20,6 +20,7 @@ import inspect
 import math
 from typing import Any, Callable, Mapping
 
+import jax
 import numpy as np
 
 __all__ = ["Option", "Solver", "register", "get", "names", "flags", "parse_spec", "split_specs"]
@@ -89,8 +90,6 @@ class Option:
 
 
 def _is_tracer(value) -> bool:
-    import jax
-
     return isinstance(value, jax.core.Tracer)
 
 

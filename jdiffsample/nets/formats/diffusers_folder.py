@@ -10,7 +10,7 @@ Weights files are looked up in this order, the first that exists wins::
 ``stem`` is ``diffusion_pytorch_model`` for diffusers models; transformers models use
 ``model.safetensors`` but ``pytorch_model.bin`` (``stem="model", bin_stem="pytorch_model"``).
 Safetensors files are read with ``safetensors.numpy``; ``.bin`` files with
-:func:`jdiffsample.nets.torchfile.load_state_dict`, which never executes code from the file.
+:func:`jdiffsample.nets.formats.torchfile.load_state_dict`, which never executes code from the file.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from jdiffsample.nets import torchfile
-from jdiffsample.nets.statedict import listing
+from jdiffsample.nets.formats import torchfile
+from jdiffsample.nets.formats.statedict import listing
 
 __all__ = ["read_config", "read_weights", "weights_file"]
 

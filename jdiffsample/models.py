@@ -82,7 +82,7 @@ def from_edm(edm_fn: Callable, schedule: Schedule) -> Denoiser:
     return denoise
 
 
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
+PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
 def prediction_from_x0(x, x0, t, schedule: Schedule, prediction: str):
@@ -95,6 +95,8 @@ def prediction_from_x0(x, x0, t, schedule: Schedule, prediction: str):
         return (x - alpha * x0) / sigma
     if prediction == "v_prediction":
         return (alpha * x - x0) / sigma
+    if prediction == "flow_prediction":  # v = eps - x0 with x = (1 - sigma) x0 + sigma eps
+        return (x - x0) / sigma
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
@@ -107,4 +109,6 @@ def x0_from_prediction(x, output, t, schedule: Schedule, prediction: str):
         return x0_from_eps(x, output, t, schedule)
     if prediction == "v_prediction":
         return x0_from_v(x, output, t, schedule)
+    if prediction == "flow_prediction":
+        return x - schedule.sigma(t).astype(x.dtype) * output
     raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")

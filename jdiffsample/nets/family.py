@@ -83,6 +83,14 @@ class Sampling:
       skip_tuning: whether the module carries Skip-Tuning scales (the ``"skip"`` collection).
       sharding: ``(path, shape, n) -> axis | None``: the axis along which a parameter is split over
         ``n`` devices (None: the generic rule of :mod:`jdiffsample.nets.sharding`).
+      schedule_at: families whose schedule depends on the image size (FLUX.1-dev's dynamic time
+        shift): ``(model, height, width) -> Schedule``.
+      guidance_input: ``module -> bool``: whether the guidance weight is an input of the network
+        (FLUX.1-dev's distilled guidance, passed to ``encode_prompts`` as ``guidance=``) instead of
+        classifier-free guidance, which then takes the ``true_cfg`` setting.
+      prompt_options: the settings ``encode_prompts`` takes as keyword options
+        (``max_sequence_length`` of T5 encoders).
+      default_guidance: the guidance input used when the settings give none (with ``guidance_input``).
     """
 
     denoise: Callable
@@ -97,6 +105,10 @@ class Sampling:
     grids: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
     skip_tuning: bool = False
     sharding: Callable | None = None
+    schedule_at: Callable | None = None
+    guidance_input: Callable[[Any], bool] = _false
+    prompt_options: tuple = ()
+    default_guidance: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

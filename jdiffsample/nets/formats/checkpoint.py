@@ -15,6 +15,7 @@ checksum, computed once, at conversion. This module knows nothing of network fam
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib
 import importlib.metadata
@@ -24,6 +25,7 @@ import os
 import shutil
 import time
 import uuid
+import weakref
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore
+from orbax.checkpoint import type_handlers
 
+from jdiffsample.nets.formats.lazy import LazyArray, has_lazy
 from jdiffsample.nets.formats.torchfile import json_value
 
 __all__ = ["CONFIG_NAME", "VARIABLES_DIR", "FORMAT", "write", "save_converted", "read_config", "restore",
@@ -126,17 +131,17 @@ def _flat(variables) -> list[tuple[str, Any]]:
 
 
 def _crc(array: np.ndarray) -> str:
-    data = np.ascontiguousarray(array)
-    return f"{zlib.crc32(memoryview(data.reshape(-1)).cast('B')) if data.size else 0:08x}"
+    data = np.ascontiguousarray(array).reshape(-1)
+    return f"{zlib.crc32(data.view(np.uint8)) if data.size else 0:08x}"
+
+
+def _record(a: np.ndarray) -> dict:
+    return {"dtype": a.dtype.name, "shape": list(a.shape), "crc32": _crc(a)}
 
 
 def checksums(variables) -> dict[str, dict]:
     """``{path: {"dtype", "shape", "crc32"}}`` of every array of ``variables`` (nested dicts)."""
-    out = {}
-    for path, leaf in _flat(variables):
-        a = np.asarray(leaf)
-        out[path] = {"dtype": a.dtype.name, "shape": list(a.shape), "crc32": _crc(a)}
-    return out
+    return {path: _record(np.asarray(leaf)) for path, leaf in _flat(variables)}
 
 
 def digest(sums: Mapping[str, Mapping]) -> str:
@@ -155,6 +160,47 @@ SAVE_CONCURRENT_GB = 0.5
 
 def _checkpointer():
     return ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB))
+
+
+def _streaming_checkpointer(handler):
+    """A checkpointer that also writes :class:`jdiffsample.nets.formats.lazy.LazyArray` leaves with
+    ``handler``, reading each only while it is written, :data:`SAVE_CONCURRENT_GB` of them at most at
+    once (or one larger array alone). Its checkpoints are ordinary ones: the leaves are written as
+    NumPy arrays are."""
+    handlers = [(LazyArray, handler)]
+    handlers += [(ty, type_handlers.get_type_handler(ty)) for ty in (jax.Array, np.ndarray, np.number, int, float)]
+    return ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=SAVE_CONCURRENT_GB, type_handler_registry=type_handlers.create_type_handler_registry(
+            *handlers)))
+
+
+class _LazyArrayHandler(type_handlers.NumpyHandler):
+    """Orbax's NumPy handler, materializing each lazy leaf just before its write. It overrides the
+    handler's one write, ``_open_and_write`` (a private method of Orbax: the streaming test of
+    ``tests/test_convert_flux.py`` fails if an Orbax release changes it)."""
+
+    def __init__(self, limit_bytes: int):
+        super().__init__(deepcopy_host_arrays=False)  # a lazy array is read fresh anyway
+        self._limit = limit_bytes
+        self._loops = weakref.WeakKeyDictionary()  # event loop -> (condition, [bytes in flight])
+        self.records: dict[int, dict] = {}  # id of a lazy leaf -> its checksum record, taken as it is written
+
+    async def _open_and_write(self, value, tspec, ts_context):
+        need = min(int(value.nbytes), self._limit)
+        cond, in_flight = self._loops.setdefault(asyncio.get_running_loop(), (asyncio.Condition(), [0]))
+        async with cond:
+            await cond.wait_for(lambda: in_flight[0] + need <= self._limit)
+            in_flight[0] += need
+        try:
+            array = await asyncio.to_thread(np.asarray, value)
+            self.records[id(value)] = await asyncio.to_thread(_record, array)
+            store = await tensorstore.open(tensorstore.Spec(tspec), create=True, open=True, context=ts_context)
+            await store.write(array, can_reference_source_data_indefinitely=True)
+            del array, store
+        finally:
+            async with cond:
+                in_flight[0] -= need
+                cond.notify_all()
 
 
 def is_checkpoint(path) -> bool:
@@ -215,11 +261,7 @@ def write(dst, config: Mapping[str, Any], variables, *, overwrite: bool = False,
     reserved = {"format", "format_version", "versions", "checksums", "digest", "files"}
     if reserved & set(config):
         raise ValueError(f"config may not set {sorted(reserved & set(config))}")
-    sums = checksums(variables)
-    full = dict(format=FORMAT, format_version=FORMAT_VERSION, **json_value(dict(config)), versions=versions(),
-                files=sorted(files or {}), digest=digest(sums), checksums=sums)
-    text = json.dumps(full, indent=1)
-
+    body = json_value(dict(config))  # JSON values, checked before anything is written
     dst = Path(dst).absolute()
     if dst.exists():
         if not overwrite:
@@ -230,12 +272,22 @@ def write(dst, config: Mapping[str, Any], variables, *, overwrite: bool = False,
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()  # a plain mkdir, so the final folder gets the usual (umask) permissions
     try:
-        ckptr = _checkpointer()
+        streaming = has_lazy(variables)  # leaves read from the source files one at a time
+        handler = _LazyArrayHandler(int(SAVE_CONCURRENT_GB * 1e9))
+        ckptr = _streaming_checkpointer(handler) if streaming else _checkpointer()
         try:
-            ckptr.save(tmp / VARIABLES_DIR, dict(variables))
+            if streaming:
+                ckptr.save(tmp / VARIABLES_DIR, args=ocp.args.PyTreeSave(dict(variables)))
+            else:
+                ckptr.save(tmp / VARIABLES_DIR, dict(variables))
             ckptr.wait_until_finished()
         finally:
             ckptr.close()
+        sums = {path: handler.records[id(leaf)] if isinstance(leaf, LazyArray) else _record(np.asarray(leaf))
+                for path, leaf in _flat(variables)}
+        text = json.dumps(dict(format=FORMAT, format_version=FORMAT_VERSION, **body,
+                               versions=versions(), files=sorted(files or {}), digest=digest(sums), checksums=sums),
+                          indent=1)
         for relative, source in (files or {}).items():
             target = tmp / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -261,11 +313,12 @@ def write(dst, config: Mapping[str, Any], variables, *, overwrite: bool = False,
 
 def _to_device_inplace(tree: dict) -> None:
     """Replace the NumPy leaves of a nested dict by JAX arrays one at a time, so that each host
-    copy is freed as soon as it has moved (Orbax writes JAX arrays with far less extra memory)."""
+    copy is freed as soon as it has moved (Orbax writes JAX arrays with far less extra memory);
+    lazy leaves stay as they are (the save reads them one at a time)."""
     for key, value in tree.items():
         if isinstance(value, dict):
             _to_device_inplace(value)
-        else:
+        elif not isinstance(value, LazyArray):
             tree[key] = jax.device_put(value)
 
 

@@ -30,7 +30,7 @@ Output: ``AdaLayerNormContinuous`` (scale, then shift), a linear layer, unpatchi
 
 Parameter names are regular: per block ``attn/{q,k,v,out}`` (image stream),
 ``attn/{context_q,context_k,context_v,context_out}`` (text stream), ``attn/{norm_q,norm_k,context_norm_q,
-context_norm_k}``, ``attn2/{q,k,v,out,norm_q,norm_k}``, ``ff/{in,out}`` and ``ff_context/{in,out}``; kernels
+context_norm_k}``, ``attn2/{q,k,v,out,norm_q,norm_k}``, ``mlp/{in,out}`` and ``context_mlp/{in,out}``; kernels
 ``[in, out]`` with the output columns of ``q``/``k``/``v`` grouped by head (``heads x head_dim``).
 :data:`LAYOUT` maps them to diffusers' names (``to_q``, ``add_q_proj``, ``to_add_out``, ``norm_added_q``,
 ``ff.net.0.proj``, ``ff.net.2``, ...). The last block's text queries are never used, so the port has
@@ -184,11 +184,11 @@ class JointTransformerBlock(nn.Module):
         if self.dual_attention:
             shift_msa2, scale_msa2, gate_msa2 = mods[6:]
             x = x + gate_msa2 * _Attention(**attn, name="attn2")(nx * (1 + scale_msa2) + shift_msa2)[0]
-        x = x + gate_mlp * _FeedForward(dtype, name="ff")(_layer_norm(x) * (1 + scale_mlp) + shift_mlp)
+        x = x + gate_mlp * _FeedForward(dtype, name="mlp")(_layer_norm(x) * (1 + scale_mlp) + shift_mlp)
         if self.context_pre_only:
             return c, x
         c = c + c_gate_msa * text
-        c = c + c_gate_mlp * _FeedForward(dtype, name="ff_context")(_layer_norm(c) * (1 + c_scale_mlp) + c_shift_mlp)
+        c = c + c_gate_mlp * _FeedForward(dtype, name="context_mlp")(_layer_norm(c) * (1 + c_scale_mlp) + c_shift_mlp)
         return c, x
 
 
@@ -330,7 +330,8 @@ _ATTENTION_NAMES = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0", "c
                     "context_k": "add_k_proj", "context_v": "add_v_proj", "context_out": "to_add_out",
                     "norm_q": "norm_q", "norm_k": "norm_k", "context_norm_q": "norm_added_q",
                     "context_norm_k": "norm_added_k"}
-_FF_NAMES = {"in": "net.0.proj", "out": "net.2"}
+_MLP_NAMES = {"mlp": "ff", "context_mlp": "ff_context"}
+_MLP_LAYERS = {"in": "net.0.proj", "out": "net.2"}
 _BLOCK = re.compile(r"^transformer_blocks_(\d+)$")
 
 
@@ -341,8 +342,10 @@ def _torch_key(path: tuple) -> str:
         parent = path[i - 1] if i else None
         if parent in ("attn", "attn2"):
             name = _ATTENTION_NAMES[name]
-        elif parent in ("ff", "ff_context"):
-            name = _FF_NAMES[name]
+        elif parent in _MLP_NAMES:
+            name = _MLP_LAYERS[name]
+        elif name in _MLP_NAMES:
+            name = _MLP_NAMES[name]
         elif _BLOCK.match(name):
             name = "transformer_blocks." + _BLOCK.match(name)[1]
         parts.append(name)

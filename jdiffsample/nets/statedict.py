@@ -9,7 +9,8 @@ then checks a state dict against the shapes the Flax module expects and converts
 
 Every problem is reported at once, in one line: missing keys, unexpected keys, shape mismatches
 and buffers whose values differ from the constants the port recomputes. Parameters come back as
-float32 NumPy arrays (or in their own dtype); every other collection of the module (the Skip-Tuning scales ``"skip"``)
+float32 NumPy arrays (or in their own dtype; lazy arrays, :mod:`jdiffsample.nets.lazy`, stay lazy,
+their layout change and cast recorded); every other collection of the module (the Skip-Tuning scales ``"skip"``)
 is filled with ones.
 """
 
@@ -19,7 +20,10 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+
+from jdiffsample.nets.lazy import LazyArray
 
 __all__ = ["Layout", "DEFAULT", "torch_key", "torch_shape", "to_flax", "match", "listing"]
 
@@ -74,6 +78,12 @@ def listing(keys, limit: int = 5) -> str:
     return f"{len(keys)}: " + ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
 
 
+def _array(value):
+    """A NumPy array of ``value``; a :class:`jdiffsample.nets.lazy.LazyArray` stays lazy (converting it
+    reads the tensor)."""
+    return value if isinstance(value, LazyArray) else np.asarray(value)
+
+
 def _flatten(tree: Mapping, prefix: Path = ()) -> dict:
     out = {}
     for key, value in tree.items():
@@ -121,7 +131,7 @@ def match(abstract: Mapping[str, Any], state_dict: Mapping[str, Any], *, layout:
     shapes = {key: shape for key, (_, shape) in expected.items()}
     shapes.update({key: tuple(np.shape(value)) for key, (value, _) in buffers.items()})
     present = {k for k in state_dict if not (ignore and ignore(k))}
-    arrays = {k: np.asarray(state_dict[k]) for k in shapes if k in present}
+    arrays = {k: _array(state_dict[k]) for k in shapes if k in present}
 
     missing = sorted(k for k in shapes if k not in present)
     unexpected = sorted(k for k in state_dict if k in present and k not in shapes)
@@ -135,7 +145,7 @@ def match(abstract: Mapping[str, Any], state_dict: Mapping[str, Any], *, layout:
         raise ValueError(f"state_dict does not fit {what}: " + "; ".join(problems))
 
     def cast(a):
-        return a if dtype is None and np.issubdtype(a.dtype, np.floating) else a.astype(dtype or np.float32)
+        return a if dtype is None and jnp.issubdtype(a.dtype, jnp.floating) else a.astype(dtype or np.float32)
 
     flat = {path: layout.convert(path, cast(arrays[key])) for key, (path, _) in expected.items()}
     variables = {"params": _unflatten(flat)}

@@ -410,11 +410,12 @@ def convert_state_dict(class_name: str, kwargs: Mapping[str, Any], state_dict: M
     return statedict.match(abstract, kept, layout=LAYOUT, what=class_name, dtype=dtype)
 
 
-def load_folder(path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def load_folder(path, *, lazy: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(config, state_dict)`` of a diffusers ``SD3Transformer2DModel`` folder (a pipeline's
-    ``transformer/``; single or sharded safetensors, see :mod:`jdiffsample.nets.diffusers_folder`)."""
+    ``transformer/``; single or sharded safetensors, see :mod:`jdiffsample.nets.diffusers_folder`).
+    ``lazy``: tensors as :class:`jdiffsample.nets.lazy.LazyArray` s, read when needed."""
     config = diffusers_folder.read_config(path)
     name = config.get("_class_name", CLASS_NAMES[0])
     if name not in CLASS_NAMES:
         raise ValueError(f"{path}: config.json is for {name!r}, not SD3Transformer2DModel")
-    return config, diffusers_folder.read_weights(path)
+    return config, (diffusers_folder.lazy_weights if lazy else diffusers_folder.read_weights)(path)

@@ -175,6 +175,28 @@ def test_sd35_medium_images_match_the_pipeline(medium_folder, tmp_path):
     assert np.abs(ref["slg"] - ref["plain"]).max() > 10 * PIXELS  # the skip-layer steps mattered
 
 
+def test_pipeline_without_t5(tmp_path):
+    """A folder saved without T5 (``text_encoder_3=None``, as diffusers allows): the T5 part of the
+    context is zeros of ``max_sequence_length`` tokens, as the pipeline's ``encode_prompt`` gives."""
+    torch = require("torch")
+    require("diffusers")
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(fixture_dir("sd3_tiny"), text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(tmp_path / "src")
+    assert cli.main(["convert", "sd3", str(tmp_path / "src"), str(tmp_path / "dst")]) == 0
+    model = nets.load_model(tmp_path / "dst")
+    assert model.module.text_encoder_3 is None and not (tmp_path / "dst" / "tokenizer_3").exists()
+    prompts = ["a photo of the cat", "blurry"]
+    with torch.no_grad():
+        context, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+                                                   max_sequence_length=12)
+    with jax.default_matmul_precision("highest"):
+        ours = sd3.encode_prompts(model, tmp_path / "dst", prompts, 16, 16, max_sequence_length=12)
+    assert ours["context"].shape == (2, 16 + 12, 64) and not np.any(np.asarray(ours["context"][:, 16:]))
+    assert rel_err(ours["context"], context.numpy()) < RTOL and rel_err(ours["pooled"], pooled.numpy()) < RTOL
+
+
 @pytest.mark.parametrize("case, pattern", [
     ("flux", r"pipeline 'FluxPipeline' is not Stable Diffusion 3.*convert flux"),
     ("sd1", r"pipeline 'StableDiffusionPipeline' is not Stable Diffusion 3.*convert sd"),

@@ -104,6 +104,19 @@ def test_bfloat16_compute_stays_close(fixture_transformer):
     assert bf16.dtype == np.float32 and 0 < rel_err(bf16, full) < 0.05
 
 
+def test_float16_weights_kept_as_stored(fixture_transformer):
+    """``dtype=None`` keeps a float16 file's tensors (the converter's choice for released fp16 folders);
+    the float32 network computes with them exactly as with their float32 copies."""
+    config, module, _, _ = fixture_transformer
+    _, state_dict = sd3_transformer.load_folder(fixture_dir("sd3_tiny") / "transformer")
+    half = {k: v.astype(np.float16) for k, v in state_dict.items()}
+    kept = sd3_transformer.convert_state_dict(CLASS, config, half, dtype=None)
+    widened = sd3_transformer.convert_state_dict(CLASS, config, half)
+    assert {a.dtype for a in jax.tree.leaves(kept)} == {np.dtype(np.float16)}
+    args = inputs(config)
+    assert rel_err(jax_forward(module, kept, args), jax_forward(module, widened, args)) < 1e-6
+
+
 def test_position_table_and_conversion_checks(fixture_transformer):
     config, module, _, _ = fixture_transformer
     _, state_dict = sd3_transformer.load_folder(fixture_dir("sd3_tiny") / "transformer")

@@ -391,7 +391,7 @@ def convert_state_dict(class_name: str, kwargs: Mapping[str, Any], state_dict: M
                        dtype=np.float32) -> dict:
     """Flax ``{"params": ...}`` from a diffusers ``SD3Transformer2DModel`` state dict, strict
     (:func:`statedict.match`: every problem in one ``ValueError``). The position table must equal
-    :func:`pos_embed_table` (to 1e-5 of its largest value); the last block's unused text-query tensors
+    :func:`pos_embed_table` (to 1e-5, or the stored type's rounding); the last block's unused text-query tensors
     must be present and are dropped. ``dtype`` as for :func:`statedict.match` (None keeps the file's)."""
     module = build(class_name, kwargs)
     abstract = jax.eval_shape(module.init, jax.random.key(0), *example_inputs(module))
@@ -401,8 +401,11 @@ def convert_state_dict(class_name: str, kwargs: Mapping[str, Any], state_dict: M
         raise ValueError(f"state_dict does not fit {class_name}: missing keys ({statedict.listing(missing)})")
     kept = {k: v for k, v in state_dict.items() if k not in unused}
     table = pos_embed_table(module.inner_dim, module.pos_embed_max_size, module.sample_size // module.patch_size)
-    stored = np.asarray(kept.get("pos_embed.pos_embed", table[None]), np.float32)
-    if stored.shape == table[None].shape and not np.allclose(stored, table[None], rtol=0, atol=1e-5):
+    stored = np.asarray(kept.get("pos_embed.pos_embed", table[None]))
+    # the values lie in [-1, 1], so a float16 / bfloat16 copy differs by at most its machine epsilon
+    tolerance = max(1e-5, float(np.finfo(stored.dtype).eps) if np.issubdtype(stored.dtype, np.floating) else 0.0)
+    stored = stored.astype(np.float32)
+    if stored.shape == table[None].shape and not np.allclose(stored, table[None], rtol=0, atol=tolerance):
         raise ValueError(f"state_dict does not fit {class_name}: pos_embed.pos_embed is not the sin-cos table of a "
                          f"{module.pos_embed_max_size}-square grid with base size "
                          f"{module.sample_size // module.patch_size} (max difference "

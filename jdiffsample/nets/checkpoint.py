@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from jdiffsample.nets import family as families
+from jdiffsample.nets.lazy import LazyArray, has_lazy
 
 __all__ = ["CONFIG_NAME", "VARIABLES_DIR", "save", "load", "load_config", "resolve", "bundled", "versions",
            "random_variables", "read_json"]
@@ -112,6 +114,55 @@ def _checkpointer():
     return ocp.AsyncCheckpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB))
 
 
+def _streaming_checkpointer():
+    """A checkpointer that also writes :class:`jdiffsample.nets.lazy.LazyArray` leaves, reading each
+    only while it is written, :data:`SAVE_CONCURRENT_GB` of them at most at once (or one larger
+    array alone). Its checkpoints are ordinary ones: the leaves are written as NumPy arrays are."""
+    import jax
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers as th
+
+    handlers = [(LazyArray, _lazy_handler_class()(int(SAVE_CONCURRENT_GB * 1e9)))]
+    handlers += [(ty, th.get_type_handler(ty)) for ty in (jax.Array, np.ndarray, np.number, int, float)]
+    return ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=SAVE_CONCURRENT_GB, type_handler_registry=th.create_type_handler_registry(*handlers)))
+
+
+@functools.cache
+def _lazy_handler_class():
+    """Orbax's NumPy handler, materializing each lazy leaf just before its write (defined on first
+    use: orbax is imported late, for start-up time)."""
+    import asyncio
+    import weakref
+
+    import tensorstore as ts
+    from orbax.checkpoint import type_handlers as th
+
+    class LazyArrayHandler(th.NumpyHandler):
+        def __init__(self, limit_bytes: int):
+            super().__init__(deepcopy_host_arrays=False)  # a lazy array is read fresh anyway
+            self._limit = limit_bytes
+            self._loops = weakref.WeakKeyDictionary()  # event loop -> (condition, [bytes in flight])
+
+        async def _open_and_write(self, value, tspec, ts_context):  # NumpyHandler's one write
+            need = min(int(value.nbytes), self._limit)
+            cond, in_flight = self._loops.setdefault(asyncio.get_running_loop(), (asyncio.Condition(), [0]))
+            async with cond:
+                await cond.wait_for(lambda: in_flight[0] + need <= self._limit)
+                in_flight[0] += need
+            try:
+                array = await asyncio.to_thread(np.asarray, value)
+                store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+                await store.write(array, can_reference_source_data_indefinitely=True)
+                del array, store
+            finally:
+                async with cond:
+                    in_flight[0] -= need
+                    cond.notify_all()
+
+    return LazyArrayHandler
+
+
 def save(dst, family: str, class_name: str, kwargs: Mapping[str, Any], variables,
          extra: Mapping[str, Any] | None = None, *, overwrite: bool = False,
          files: Mapping[str, Any] | None = None) -> Path:
@@ -156,9 +207,15 @@ def save(dst, family: str, class_name: str, kwargs: Mapping[str, Any], variables
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()  # a plain mkdir, so the final folder gets the usual (umask) permissions
     try:
-        ckptr = _checkpointer()
+        streaming = has_lazy(variables)
+        ckptr = _streaming_checkpointer() if streaming else _checkpointer()
         try:
-            ckptr.save(tmp / VARIABLES_DIR, dict(variables))
+            if streaming:
+                import orbax.checkpoint as ocp
+
+                ckptr.save(tmp / VARIABLES_DIR, args=ocp.args.PyTreeSave(dict(variables)))
+            else:
+                ckptr.save(tmp / VARIABLES_DIR, dict(variables))
             ckptr.wait_until_finished()
         finally:
             ckptr.close()
@@ -266,13 +323,14 @@ def random_variables(module, *example_args, seed: int = 0) -> dict:
 
 def _to_device_inplace(tree: dict) -> None:
     """Replace the NumPy leaves of a nested dict by JAX arrays one at a time, so that each host
-    copy is freed as soon as it has moved (Orbax writes JAX arrays with far less extra memory)."""
+    copy is freed as soon as it has moved (Orbax writes JAX arrays with far less extra memory);
+    lazy leaves stay as they are (the save reads them one at a time)."""
     import jax
 
     for key, value in tree.items():
         if isinstance(value, dict):
             _to_device_inplace(value)
-        else:
+        elif not isinstance(value, LazyArray):
             tree[key] = jax.device_put(value)
 
 

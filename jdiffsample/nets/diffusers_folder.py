@@ -19,7 +19,7 @@ with :func:`jdiffsample.nets.torchfile.load_state_dict`, which never executes co
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from jdiffsample.nets.lazy import LazyArray
 from jdiffsample.nets.statedict import listing
 
 __all__ = ["read_config", "read_weights", "weights_file", "lazy_weights", "lazy_safetensors", "read_index",
-           "safetensors_header", "SAFETENSORS_DTYPES"]
+           "safetensors_header", "SAFETENSORS_DTYPES", "read_model_index", "pipeline_part"]
 
 
 def read_config(folder) -> dict[str, Any]:
@@ -186,3 +186,40 @@ def read_weights(folder, stem: str = "diffusion_pytorch_model",
     """All tensors of the model in ``folder``, ``{name: array}`` in the file's dtype (see the module
     docstring for which file is read). ``ValueError`` when there is none or it cannot be read."""
     return {k: np.asarray(v) for k, v in lazy_weights(folder, stem, bin_stem).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline folders (model_index.json and its parts)
+
+
+def read_model_index(src, pipelines, hint: str = "") -> tuple[str, dict[str, Any]]:
+    """``(class_name, model_index)`` of the diffusers pipeline folder ``src``, checked: a folder with
+    a ``model_index.json`` naming one of ``pipelines`` (``ValueError`` otherwise, ending with
+    ``hint``, e.g. which converter reads the other pipelines)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ValueError(f"{src}: no such folder (give a diffusers pipeline folder with model_index.json)")
+    path = src / "model_index.json"
+    if not path.is_file():
+        raise ValueError(f"{src} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err})") from None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if name not in pipelines:
+        raise ValueError(f"{src}: the pipeline is {name!r}; this converter reads {', '.join(pipelines)}{hint}")
+    return name, index
+
+
+def pipeline_part(src, index: Mapping[str, Any], part: str, classes) -> str:
+    """The class of the pipeline part ``part`` (``transformer``, ``vae``, ``text_encoder_2``, ...),
+    checked: listed in ``model_index.json`` as one of ``classes``, and its folder present."""
+    entry = index.get(part)
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+        raise ValueError(f"{src}: model_index.json lists no {part}")
+    if entry[1] not in classes:
+        raise ValueError(f"{src}: {part} is a {entry[1]}; supported: {', '.join(classes)}")
+    if not (Path(src) / part).is_dir():
+        raise ValueError(f"{src}: the {part}/ folder is missing")
+    return entry[1]

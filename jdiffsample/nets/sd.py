@@ -321,27 +321,12 @@ def schedule(info: Mapping[str, Any]):
 
 
 def _read_index(src: Path) -> tuple[str, dict]:
-    from jdiffsample.nets import checkpoint
-
-    if not (src / "model_index.json").is_file():
-        raise ValueError(f"{src} is not a diffusers pipeline folder (no model_index.json)")
-    index = checkpoint.read_json(src / "model_index.json", "model_index.json")
-    name = index.get("_class_name")
-    if name not in PIPELINES:
-        raise ValueError(f"{src}: pipeline {name!r} is not supported; supported: {', '.join(PIPELINES)}")
-    return name, index
+    return diffusers_folder.read_model_index(src, PIPELINES)
 
 
 def _check_part(src: Path, index: Mapping[str, Any], part: str) -> str:
     """The class of pipeline part ``part``, checked: listed in model_index.json, supported, a folder."""
-    entry = index.get(part)
-    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
-        raise ValueError(f"{src}: model_index.json lists no {part}")
-    if entry[1] not in _CLASSES[part]:
-        raise ValueError(f"{src}: {part} is a {entry[1]}; supported: {', '.join(_CLASSES[part])}")
-    if not (src / part).is_dir():
-        raise ValueError(f"{src}: the {part}/ folder is missing")
-    return entry[1]
+    return diffusers_folder.pipeline_part(src, index, part, _CLASSES[part])
 
 
 def _public(config: Mapping[str, Any]) -> dict:

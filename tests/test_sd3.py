@@ -198,8 +198,8 @@ def test_pipeline_without_t5(tmp_path):
 
 
 @pytest.mark.parametrize("case, pattern", [
-    ("flux", r"pipeline 'FluxPipeline' is not Stable Diffusion 3.*convert flux"),
-    ("sd1", r"pipeline 'StableDiffusionPipeline' is not Stable Diffusion 3.*convert sd"),
+    ("flux", r"the pipeline is 'FluxPipeline'; this converter reads StableDiffusion3Pipeline.*convert flux"),
+    ("sd1", r"the pipeline is 'StableDiffusionPipeline'; this converter reads StableDiffusion3Pipeline.*convert sd\)"),
     ("no-vae", r"the vae/ folder is missing"),
     ("no-t5-tokenizer", r"tokenizer_3: no tokenizer.json"),
     ("no-scheduler", r"scheduler/scheduler_config.json is missing"),

@@ -64,8 +64,8 @@ _CLASSES = {"transformer": sd3_transformer.CLASS_NAMES, "vae": vae_net.CLASS_NAM
             "text_encoder": ("CLIPTextModelWithProjection",), "text_encoder_2": ("CLIPTextModelWithProjection",),
             "text_encoder_3": t5.CLASS_NAMES, "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
             "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"), "tokenizer_3": ("T5Tokenizer", "T5TokenizerFast")}
-#: Pipelines of other families, for the error message of a folder given to the wrong converter.
-_OTHER_FAMILIES = {"FluxPipeline": "flux", "StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sd"}
+#: The end of the error message for another pipeline's folder.
+_HINT = " (Stable Diffusion 3 / 3.5; FLUX.1 folders: jdiffsample convert flux; SD 1.x/2.x/XL: convert sd)"
 
 
 class StableDiffusion3(nn.Module):
@@ -265,6 +265,8 @@ _UNSUPPORTED = ("use_dynamic_shifting", "use_karras_sigmas", "use_exponential_si
 def schedule_info(scheduler_config: Mapping[str, Any]) -> dict:
     """The ``schedule`` entry of a converted checkpoint (validated): ``{"type": "RectifiedFlow",
     "shift", "num_train_timesteps"}`` from a ``FlowMatchEulerDiscreteScheduler`` config."""
+    if not isinstance(scheduler_config, Mapping):
+        raise ValueError("a Stable Diffusion 3 schedule needs the folder's scheduler config (scheduler_config.json)")
     name = scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
     if name != "FlowMatchEulerDiscreteScheduler":
         raise ValueError(f"the scheduler is a {name}; Stable Diffusion 3 folders use FlowMatchEulerDiscreteScheduler")
@@ -304,32 +306,13 @@ def diffusers_times(info: Mapping[str, Any], n_steps: int) -> np.ndarray:
 # Conversion
 
 
-def _read_index(src: Path) -> dict:
-    from jdiffsample.nets import checkpoint
-
-    if not (src / "model_index.json").is_file():
-        raise ValueError(f"{src} is not a diffusers pipeline folder (no model_index.json)")
-    index = checkpoint.read_json(src / "model_index.json", "model_index.json")
-    name = index.get("_class_name")
-    if name != PIPELINE:
-        hint = f" (convert it with 'jdiffsample convert {_OTHER_FAMILIES[name]}')" if name in _OTHER_FAMILIES else ""
-        raise ValueError(f"{src}: pipeline {name!r} is not Stable Diffusion 3; the sd3 family takes {PIPELINE}{hint}")
-    return index
-
-
 def _check_part(src: Path, index: Mapping[str, Any], part: str) -> str | None:
     """The class of pipeline part ``part``, checked (listed, supported, a folder); None for a T5 part
     that model_index.json lists as absent."""
     entry = index.get(part)
     if part in ("text_encoder_3", "tokenizer_3") and (entry is None or entry == [None, None]):
         return None
-    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
-        raise ValueError(f"{src}: model_index.json lists no {part}")
-    if entry[1] not in _CLASSES[part]:
-        raise ValueError(f"{src}: {part} is a {entry[1]}; supported: {', '.join(_CLASSES[part])}")
-    if not (src / part).is_dir():
-        raise ValueError(f"{src}: the {part}/ folder is missing")
-    return entry[1]
+    return diffusers_folder.pipeline_part(src, index, part, _CLASSES[part])
 
 
 def _tokenizer_files(src: Path, name: str) -> list[str]:
@@ -342,10 +325,10 @@ def _tokenizer_files(src: Path, name: str) -> list[str]:
 #: part -> (read its folder: ``(path, class_name) -> state dict``, convert: ``(class_name, config, state
 #: dict) -> variables``); the transformer and T5 keep their stored dtypes.
 _READERS = {
-    "transformer": (lambda path, _: sd3_transformer.load_folder(path)[1],
+    "transformer": (lambda path, _: sd3_transformer.load_folder(path, lazy=True)[1],
                     functools.partial(sd3_transformer.convert_state_dict, dtype=None)),
     "vae": (lambda path, _: vae_net.load_folder(path)[1], vae_net.convert_state_dict),
-    "text_encoder_3": (lambda path, _: t5.load_folder(path)[1], t5.convert_state_dict),
+    "text_encoder_3": (lambda path, _: t5.load_folder(path, lazy=True)[1], t5.convert_state_dict),
     "clip": (lambda path, class_name: clip.load_folder(path, class_name)[2], clip.convert_state_dict),
 }
 
@@ -356,18 +339,17 @@ def convert(src, dst, *, overwrite: bool = False) -> dict:
     Reads ``model_index.json``, every part's ``config.json`` and weights (single or sharded safetensors
     with their ``*.index.json``, or ``.bin`` read without executing code; see
     :mod:`jdiffsample.nets.diffusers_folder`), the tokenizer folders and the scheduler config. Everything
-    is checked before anything is written. The transformer and T5 keep their stored dtypes (float16 /
-    bfloat16 releases stay so); the CLIP encoders and the VAE are stored as float32.
+    is checked before anything is written. The transformer's and T5's tensors are matched lazily and
+    read one at a time while the checkpoint is written (:mod:`jdiffsample.nets.lazy`), in their stored
+    dtypes (float16 / bfloat16 releases stay so); the CLIP encoders and the VAE are stored as float32.
     """
     from jdiffsample.nets import checkpoint
 
     start = time.perf_counter()
     src = Path(src)
-    if not src.is_dir():
-        raise ValueError(f"{src}: no such folder (give a diffusers pipeline folder with model_index.json)")
     if Path(dst).exists() and not overwrite:
         raise FileExistsError(f"{Path(dst).absolute()} already exists (pass overwrite=True to replace it)")
-    index = _read_index(src)
+    index = diffusers_folder.read_model_index(src, (PIPELINE,), _HINT)[1]
     classes = {part: _check_part(src, index, part) for part in _PARTS}
     parts = [p for p in _PARTS if classes[p] is not None]
     for part in parts:
@@ -406,16 +388,10 @@ def convert(src, dst, *, overwrite: bool = False) -> dict:
                                      started=start, extra=extra, overwrite=overwrite, files=files)
 
 
-def _schedule_from_extra(extra: Mapping[str, Any]) -> dict:
-    if not isinstance(extra.get("scheduler"), Mapping):
-        raise ValueError("a Stable Diffusion 3 checkpoint needs the scheduler config (extra 'scheduler') or a schedule")
-    return schedule_info(extra["scheduler"])
-
-
 FAMILY = family.Family(
     name="sd3", description="Stable Diffusion 3 / 3.5 diffusers pipeline folder (MMDiT, 16-channel VAE, CLIP-L/G, T5)",
     build=build, example_inputs=example_inputs, convert=convert, convert_arguments=lambda parser: None,
-    schedule_info=lambda class_name, kwargs, extra: _schedule_from_extra(extra), schedule=schedule,
+    schedule_info=lambda class_name, kwargs, extra: schedule_info(extra.get("scheduler")), schedule=schedule,
     denoise=denoise, sample_shape=_sample_shape, conditioning=lambda module: ("context", "pooled"),
     encode_prompts=encode_prompts, sample_shape_at=sample_shape_at,
     grids={"diffusers": lambda model, n_steps: diffusers_times(json.loads(model.schedule_json), n_steps)},

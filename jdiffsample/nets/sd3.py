@@ -47,8 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample.nets import clip, diffusers_folder, family, sd3_transformer, t5
+from jdiffsample import schedules
+from jdiffsample.nets import checkpoint, clip, diffusers_folder, family, sd3_transformer, t5
 from jdiffsample.nets import vae as vae_net
+from jdiffsample.tokenizer import FILES as CLIP_TOKENIZER_FILES
+from jdiffsample.tokenizer import CLIPTokenizer
 
 __all__ = ["StableDiffusion3", "PIPELINE", "MAX_SEQUENCE_LENGTH", "build", "example_inputs", "encode_prompts",
            "tokenize", "denoise", "skip_layer_steps", "sample_shape_at", "schedule_info", "schedule",
@@ -172,11 +175,8 @@ def _check_consistent(module: StableDiffusion3) -> None:
 # Prompts and the denoiser
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizers(folder: str):
+def _tokenizers(folder):
     """The three tokenizers of a checkpoint (or pipeline) folder; T5's None when it has none."""
-    from jdiffsample.tokenizer import CLIPTokenizer
-
     root = Path(folder)
     third = t5.T5Tokenizer.from_folder(root / "tokenizer_3") if (root / "tokenizer_3").is_dir() else None
     return CLIPTokenizer.from_folder(root / "tokenizer"), CLIPTokenizer.from_folder(root / "tokenizer_2"), third
@@ -189,7 +189,7 @@ def tokenize(folder, prompts, max_sequence_length: int = MAX_SEQUENCE_LENGTH) ->
     if not 1 <= int(max_sequence_length) <= LONGEST_SEQUENCE:
         raise ValueError(f"max_sequence_length must lie in [1, {LONGEST_SEQUENCE}], got {max_sequence_length}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    first, second, third = _tokenizers(str(Path(folder).absolute()))
+    first, second, third = _tokenizers(folder)
     length = first.model_max_length
     ids_3 = (np.zeros((len(prompts), max_sequence_length), np.int32) if third is None
              else third(prompts, max_length=max_sequence_length))
@@ -281,8 +281,6 @@ def schedule_info(scheduler_config: Mapping[str, Any]) -> dict:
 
 def schedule(info: Mapping[str, Any]):
     """The :class:`jdiffsample.schedules.RectifiedFlow` (static shift) of a ``schedule`` entry."""
-    from jdiffsample import schedules
-
     if info.get("type") != "RectifiedFlow":
         raise ValueError(f"Stable Diffusion 3 samples on a RectifiedFlow schedule, the config says {info.get('type')!r}")
     try:
@@ -316,9 +314,7 @@ def _check_part(src: Path, index: Mapping[str, Any], part: str) -> str | None:
 
 
 def _tokenizer_files(src: Path, name: str) -> list[str]:
-    from jdiffsample.tokenizer import FILES
-
-    files = t5.TOKENIZER_FILES if name == "tokenizer_3" else FILES
+    files = t5.TOKENIZER_FILES if name == "tokenizer_3" else CLIP_TOKENIZER_FILES
     return [f for f in files if (src / name / f).is_file()]
 
 
@@ -343,8 +339,6 @@ def convert(src, dst, *, overwrite: bool = False) -> dict:
     read one at a time while the checkpoint is written (:mod:`jdiffsample.nets.lazy`), in their stored
     dtypes (float16 / bfloat16 releases stay so); the CLIP encoders and the VAE are stored as float32.
     """
-    from jdiffsample.nets import checkpoint
-
     start = time.perf_counter()
     src = Path(src)
     if Path(dst).exists() and not overwrite:
@@ -356,8 +350,7 @@ def convert(src, dst, *, overwrite: bool = False) -> dict:
         if part in _TOKENIZERS and _check_part(src, index, _TOKENIZERS[part]) is None:
             raise ValueError(f"{src}: {part} has no {_TOKENIZERS[part]}")
     tokenizers = [_TOKENIZERS[p] for p in parts if p in _TOKENIZERS]
-    _tokenizers.cache_clear()
-    _tokenizers(str(src.absolute()))  # every tokenizer readable
+    _tokenizers(src)  # every tokenizer readable
     scheduler_file = src / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise ValueError(f"{src}: scheduler/scheduler_config.json is missing")

@@ -59,7 +59,7 @@ def conv2d(features: int, name: str | None, dtype: Dtype, kernel: int = 3, strid
            padding: Any = None, use_bias: bool = True) -> nn.Module:
     """``torch.nn.Conv2d`` (symmetric zero padding ``kernel // 2`` unless ``padding`` is given);
     ``name=None`` in ``setup``, where the attribute names the module. A plain 1x1 convolution is
-    computed as a matrix product (:class:`jdiffsample.nets.edm.Conv2d`, same parameters)."""
+    computed as a matrix product (:class:`jdiffsample.nets.layers.Conv2d`, same parameters)."""
     if kernel == 1 and stride == 1 and padding is None:
         return Conv2d(features, 1, use_bias=use_bias, dtype=dtype, name=name)
     if padding is None:

@@ -91,19 +91,20 @@ def arch_kwargs(name: str, input_size: int = 32, num_classes: int = 1000,
 
 
 @functools.lru_cache(maxsize=16)
-def pos_embed_table(dim: int, grid: int) -> np.ndarray:
+def pos_embed_table(dim: int, grid: int, spacing: float = 1.0) -> np.ndarray:
     """The fixed 2-D sin-cos position embedding, float32 ``[grid * grid, dim]`` (tokens row-major).
 
     The first ``dim/2`` channels encode the column index, the last ``dim/2`` the row index, each as
     ``[sin(pos * w), cos(pos * w)]`` with ``w_i = 10000 ** (-i / (dim/4))``, computed in float64
-    and rounded to float32 as the original does.
+    and rounded to float32 as the original does; ``pos`` is the index times ``spacing`` (diffusers'
+    ``base_size / grid``, Stable Diffusion 3).
     """
     quarter = dim // 4
     omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
     rows, cols = np.divmod(np.arange(grid * grid, dtype=np.float64), grid)
     halves = []
     for pos in (cols, rows):
-        angle = np.outer(pos, omega)
+        angle = np.outer(pos * spacing, omega)
         halves += [np.sin(angle), np.cos(angle)]
     table = np.concatenate(halves, axis=1).astype(np.float32)
     table.flags.writeable = False

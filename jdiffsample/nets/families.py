@@ -3,13 +3,13 @@ FAMILY`` may name. A new family is one module ending with ``FAMILY = Family(...)
 
 from __future__ import annotations
 
-from jdiffsample.nets import adm, adm_classifier, adm_superres, dit, edm, edm2, flux, sd, vae
+from jdiffsample.nets import adm, adm_classifier, adm_superres, dit, edm, edm2, flux, sd, sd3, vae
 from jdiffsample.nets.family import Family
 
 __all__ = ["FAMILIES", "get", "names"]
 
 FAMILIES: tuple[Family, ...] = (edm.FAMILY, adm.FAMILY, adm_classifier.FAMILY, adm_superres.FAMILY, dit.FAMILY,
-                                edm2.FAMILY, vae.FAMILY, sd.FAMILY, flux.FAMILY)
+                                edm2.FAMILY, vae.FAMILY, sd.FAMILY, flux.FAMILY, sd3.FAMILY)
 _BY_NAME = {family.name: family for family in FAMILIES}
 
 

@@ -371,11 +371,6 @@ def convert(src, dst, *, overwrite: bool = False) -> dict:
                                      files=files, sources=[src])
 
 
-#: attention heads and MLP hidden units whole on each device (transformer and T5); the rest by the
-#: generic rule
-SHARDING = sharding.columns_then_rows(r"attn/(q|k|v)/(kernel|bias)$|mlp/(in|gate)/(kernel|bias)$",
-                                      r"attn/out/kernel$|mlp/out/kernel$")
-
 FAMILY = family.Family(
     name="flux", description="FLUX.1 dev/schnell diffusers pipeline folder (flow transformer, VAE, CLIP-L, T5)",
     build=build, example_inputs=example_inputs,
@@ -383,7 +378,7 @@ FAMILY = family.Family(
         convert, schedule=lambda class_name, kwargs, extra: schedule(schedule_info(extra.get("scheduler", {})))),
     sampling=family.Sampling(
         denoise=denoise, sample_shape=sample_shape, conditioning=conditioning, encode_prompts=encode_prompts,
-        sample_shape_at=sample_shape_at, prediction=lambda module: "flow_prediction", sharding=SHARDING,
+        sample_shape_at=sample_shape_at, prediction=lambda module: "flow_prediction", sharding=sharding.HEADS_AND_MLP,
         grids={"diffusers": lambda model, n_steps: flow_times(n_steps)},
         schedule_at=schedule_at, guidance_input=lambda module: bool(module.transformer.guidance_embeds),
         prompt_options=("max_sequence_length",), default_guidance=DEFAULT_GUIDANCE),

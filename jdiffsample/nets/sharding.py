@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["MODEL_AXIS", "generic_axis", "spec", "specs", "columns_then_rows", "path_names"]
+__all__ = ["MODEL_AXIS", "generic_axis", "spec", "specs", "columns_then_rows", "path_names", "HEADS_AND_MLP"]
 
 MODEL_AXIS = "model"
 
@@ -80,3 +80,10 @@ def columns_then_rows(columns: str, rows: str) -> Callable:
         return None
 
     return rule
+
+
+#: the transformer families' rule (FLUX.1, SD3, T5): query/key/value and MLP input projections split by
+#: output features, attention outputs and MLP outputs by input features (parameters named ``q``,
+#: ``k``, ``v``, ``out`` under an ``attn``, ``in``, ``gate``, ``out`` under an ``mlp``)
+HEADS_AND_MLP = columns_then_rows(r"attn2?/(context_)?(q|k|v)/(kernel|bias)$|mlp/(in|gate)/(kernel|bias)$",
+                                  r"attn2?/(context_)?out/kernel$|mlp/out/kernel$")

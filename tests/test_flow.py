@@ -43,14 +43,16 @@ def test_schedule_closed_forms(sch):
 
 def test_schedule_domain():
     sch = schedules.RectifiedFlow(shift=3.0)
-    sch.check_times([1 - 1e-6, 0.5, 0.0])  # up to just below 1, down to 0 at the end
-    for ts, message in [([1.0, 0.5], r"\[0, 1\)"), ([0.5, -0.1], r"\[0, 1\)"), ([0.5, 0.0, 0.1], "only at its last")]:
+    sch.check_times([1.0, 0.5, 0.0])  # from the pure noise at 1, down to 0 at the end
+    for ts, message in [([1.5, 0.5], r"\[0, 1\]"), ([0.5, -0.1], r"\[0, 1\]"), ([0.5, 0.0, 0.1], "only at its last"),
+                        ([0.9, 1.0], "not reach it later")]:
         with pytest.raises(ValueError, match=message):
             sch.check_times(ts)
     with pytest.raises(ValueError, match="shift must be positive"):
         schedules.RectifiedFlow(shift=0.0)
-    with pytest.raises(ValueError, match="0 < t_min < t_max < 1"):
-        schedules.RectifiedFlow(t_max=1.0)
+    with pytest.raises(ValueError, match="0 < t_min < t_max <= 1"):
+        schedules.RectifiedFlow(t_max=1.5)
+    assert schedules.RectifiedFlow(t_max=1.0).t_max == 1.0 and sch.noise_start and not schedules.VE().noise_start
     assert schedules.get("flow") == schedules.RectifiedFlow()
     ts = timesteps.karras(sch, 5, final_zero=True)  # a flow grid may end at sigma = 0
     assert ts[-1] == 0 and np.all(np.diff(ts) < 0)

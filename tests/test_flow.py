@@ -11,6 +11,7 @@ import jdiffsample
 from jdiffsample import models, optimize, schedules, timesteps
 from jdiffsample.solvers import registry
 
+from _helpers import float64_flow_match_euler, run_scheduler
 from conftest import require
 
 FLOWS = [schedules.RectifiedFlow(), schedules.RectifiedFlow(shift=3.0)]
@@ -82,16 +83,6 @@ def test_velocity_models(mixture):
 # Agreement with diffusers' flow schedulers (float64, the same sigma grid)
 
 
-def _run_diffusers(scheduler, velocity, x, ts):
-    torch = require("torch")
-    state = torch.from_numpy(np.array(x))
-    for i, timestep in enumerate(scheduler.timesteps):
-        v = np.array(velocity(jnp.asarray(state.numpy()), ts[i]))
-        state = scheduler.step(torch.from_numpy(v), timestep, state).prev_sample
-    assert state.dtype == torch.float64
-    return state.numpy()
-
-
 def _relative(ours, reference):
     assert np.all(np.isfinite(reference))
     return float(np.max(np.abs(np.asarray(ours) - reference)) / np.max(np.abs(reference)))
@@ -103,16 +94,8 @@ def test_flow_match_euler_matches_euler_and_ddim(mixture, shift):
     plus the final 0, against our Euler and DDIM (the same step on flows). Its ``step`` casts the state
     to float32; the harness adds back what that cast dropped. Measured: <= 1.2e-14 (1.6e-7 without)."""
     torch = require("torch")
-    diffusers = require("diffusers")
-
-    class Float64FlowMatchEuler(diffusers.FlowMatchEulerDiscreteScheduler):
-        def step(self, model_output, timestep, sample, **kwargs):
-            out = super().step(model_output, timestep, sample, **kwargs)
-            lost = sample - sample.to(torch.float32).to(sample.dtype)
-            return type(out)(prev_sample=out.prev_sample + lost)
-
     sch = schedules.RectifiedFlow(shift=shift)
-    scheduler = Float64FlowMatchEuler(shift=shift)
+    scheduler = float64_flow_match_euler()(shift=shift)
     scheduler.set_timesteps(sigmas=np.linspace(0.999, 1e-3, 12).tolist())  # shifted by the scheduler
     scheduler.sigmas = scheduler.sigmas.to(torch.float64)
     sigma = scheduler.sigmas.numpy()
@@ -120,10 +103,10 @@ def test_flow_match_euler_matches_euler_and_ddim(mixture, shift):
     np.testing.assert_allclose(sch.sigma(ts), sigma, rtol=1e-14, atol=0)
     velocity = jax.jit(mixture.velocity(sch))
     x = mixture.sample_marginal(jax.random.key(1), 4, ts[0], sch, dtype=jnp.float64)
-    reference = _run_diffusers(scheduler, velocity, x, ts)
+    reference = run_scheduler(scheduler, velocity, x, ts)
     den = models.from_velocity(velocity, sch)
     for solver in ("euler", "ddim"):
-        assert _relative(jdiffsample.sample(den, x, jnp.asarray(ts), sch, solver), reference) < 1e-6, solver
+        assert _relative(jdiffsample.sample(den, x, jnp.asarray(ts), sch, solver), reference) < 1e-12, solver
 
 
 @pytest.mark.parametrize("order,shift", [(1, 3.0), (2, 1.0), (3, 3.0)])
@@ -145,10 +128,10 @@ def test_flow_unipc_matches_diffusers(mixture, order, shift):
     ts = sigma / (shift - (shift - 1) * sigma)
     velocity = jax.jit(mixture.velocity(sch))
     x = mixture.sample_marginal(jax.random.key(1), 4, ts[0], sch, dtype=jnp.float64)
-    reference = _run_diffusers(scheduler, velocity, x, ts)
+    reference = run_scheduler(scheduler, velocity, x, ts)
     ours = jdiffsample.sample(models.from_velocity(velocity, sch), x, jnp.asarray(ts), sch, "unipc", order=order,
                               variant="bh2")
-    assert _relative(ours, reference) < 1e-6
+    assert _relative(ours, reference) < 1e-12
 
 
 # ------------------------------------------------------------------------------------------------

@@ -85,15 +85,15 @@ def _algorithm_2(den, x, sigmas, churn, s_min, s_max, s_noise, noise, second_ord
     return x
 
 
-@pytest.mark.parametrize("solver,schedule,s_noise", [
-    ("heun", schedules.VE(), 0.0), ("heun", schedules.VE(), 0.5), ("euler", schedules.VE(), 0.5),
-    ("heun", schedules.VPLinear(), 1.0),
+@pytest.mark.parametrize("solver,schedule,churn,s_noise", [
+    ("heun", schedules.VE(), 2.0, 0.0), ("heun", schedules.VE(), 30.0, 0.5), ("euler", schedules.VE(), 2.0, 0.5),
+    ("heun", schedules.VPLinear(), 30.0, 1.0),
 ], ids=["heun-ve-s_noise0", "heun-ve", "euler-ve", "heun-vp"])
-def test_churn_matches_algorithm_2(mixture, solver, schedule, s_noise):
-    """S_churn = 30 over 8 steps (gamma = 30 / 8 capped at sqrt(2) - 1) inside the window
-    S_tmin = 0.5 <= sigma <= S_tmax = 20 only, so some steps churn and some do not; S_noise = 0 makes
-    the raised level alone visible. On VP the same in EDM's coordinates (x / alpha, sigma / alpha),
-    the raised level mapped back to a time for the model."""
+def test_churn_matches_algorithm_2(mixture, solver, schedule, churn, s_noise):
+    """S_churn = 2 (gamma = 2 / 8) or 30 (30 / 8, capped at sqrt(2) - 1) over 8 steps, inside the
+    window S_tmin = 0.5 <= sigma <= S_tmax = 20 only, so some steps churn and some do not; S_noise = 0
+    makes the raised level alone visible. On VP the same in EDM's coordinates (x / alpha,
+    sigma / alpha), the raised level mapped back to a time for the model."""
     edm = jax.jit(mixture.denoiser(schedules.VE()))
     key = jax.random.key(4)
     if schedule.is_ve:
@@ -105,11 +105,11 @@ def test_churn_matches_algorithm_2(mixture, solver, schedule, s_noise):
     x = mixture.sample_marginal(jax.random.key(1), 4, ts[0], schedule, dtype=jnp.float64)
     inside = (levels[:-1] >= 0.5) & (levels[:-1] <= 20.0)
     assert inside.any() and not inside.all()
-    options = dict(s_churn=30.0, s_tmin=0.5, s_tmax=20.0, s_noise=s_noise)
+    options = dict(s_churn=churn, s_tmin=0.5, s_tmax=20.0, s_noise=s_noise)
     ours = jdiffsample.sample(mixture.denoiser(schedule), x, jnp.asarray(ts), schedule, solver, key=key, **options)
     noise = lambda i: np.asarray(core.normal(key, i, x.shape, jnp.float64))  # noqa: E731
     reference = _algorithm_2(lambda y, s: np.asarray(edm(jnp.asarray(y), s)), np.asarray(x) / alpha[0], levels,
-                             30.0, 0.5, 20.0, s_noise, noise, solver == "heun") * alpha[-1]
+                             churn, 0.5, 20.0, s_noise, noise, solver == "heun") * alpha[-1]
     np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
 
 

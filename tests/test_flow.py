@@ -166,15 +166,24 @@ def test_convergence_order_on_flow(flow_problem, solver, options, order):
     assert abs(slope - order) < 0.3, (errors, slope)
 
 
+# RMSE to the fine-grid solution after 40 steps uniform in t down to 0, about 1.5x the measured one
+# (DDIM / Euler 0.034, DEIS 0.0027, DPM-Solver++(2M) 0.0082, Heun 0.0016, iPNDM 0.0022, SA-Solver and
+# UniPC 0.0047); the state before the last step is 0.036 to 0.073 away, so a last step that does not
+# move it fails. A new solver needs its bound here.
+FLOW_RMSE = dict(ddim=0.05, euler=0.05, deis=0.004, dpmpp=0.012, heun=0.0025, ipndm=0.0035, sa_solver=0.007,
+                 unipc=0.007)
+
+
 @pytest.mark.parametrize("solver", registry.names())
 def test_every_solver_samples_flows(flow_problem, solver):
     """Every registered solver (deterministic options) on the usual flow grid, 40 steps uniform in t
-    down to t = 0 (the last step returns the data prediction): RMSE to the fine-grid solution < 0.1
-    (DDIM's, first order, is 0.05)."""
+    down to t = 0 (the last step returns the data prediction): RMSE to the fine-grid solution within
+    its bound, and at most half that of the state before the last step."""
     sch, den, x, ref = flow_problem
-    out = jdiffsample.sample(den, x, timesteps.uniform_t(sch, 40, t_end=0.0), sch, solver,
-                             **registry.get(solver).deterministic())
-    assert float(jnp.sqrt(jnp.mean((out - ref) ** 2))) < 0.1
+    traj = jdiffsample.sample(den, x, timesteps.uniform_t(sch, 40, t_end=0.0), sch, solver, return_trajectory=True,
+                              **registry.get(solver).deterministic())
+    rmse = [float(jnp.sqrt(jnp.mean((state - ref) ** 2))) for state in traj[-2:]]
+    assert rmse[1] < FLOW_RMSE[solver] and rmse[1] < 0.5 * rmse[0], rmse
 
 
 def test_samples_have_the_mixture_moments(mixture):

@@ -201,3 +201,49 @@ def run_scheduler(scheduler, model, x, ts, noise=None):
         state = scheduler.step(out, timestep, state, **extra).prev_sample
     assert state.dtype == torch.float64
     return state.numpy()
+
+
+# -- Skip-Tuning: the consuming blocks' inputs ------------------------------------------------------
+
+
+def skip_consumer_inputs(apply, variables, consumes):
+    """A jitted ``skip -> [inputs]``: the inputs of the decoder blocks that take a long skip, in call
+    order, recorded with ``nn.intercept_methods`` while ``apply({**variables, "skip": skip})`` runs;
+    ``consumes(module)`` tells such a block."""
+    from flax import linen as nn
+
+    def run(skip):
+        seen = []
+
+        def record(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and consumes(context.module):
+                seen.append(args[0])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            apply({**variables, "skip": skip})
+        return seen
+
+    return jax.jit(run)
+
+
+def assert_skips_scaled(inputs_of, scales: dict) -> None:
+    """Every consuming block's input ends with the skip's channels times its own scale, exactly (the
+    network's float32 product; the same bits where a later constant multiplies the concatenation, as
+    EDM2's ``mp_cat`` does, only for powers of 2), and the deepest consumer's main-path channels are
+    the unscaled run's: neither the main path scaled nor another skip's scale. The skip channels are
+    those an all-zero scaling zeroes. ``scales``: the ``"skip"`` collection {name: rho} to run, in
+    consumption order."""
+    names = list(scales)
+    scales = {n: np.float32(v) for n, v in scales.items()}
+    base = [np.asarray(a) for a in inputs_of({n: np.float32(1) for n in names})]
+    zero = [np.asarray(a) for a in inputs_of({n: np.float32(0) for n in names})]
+    tuned = [np.asarray(a) for a in inputs_of(scales)]
+    assert len(base) == len(zero) == len(tuned) == len(names)
+    for j, name in enumerate(names):
+        nonzero = np.any(zero[j] != 0, axis=tuple(range(zero[j].ndim - 1)))
+        c = int(np.argmax(nonzero[::-1])) if nonzero.any() else nonzero.size  # trailing zeroed channels
+        assert 0 < c < base[j].shape[-1], (name, c)
+        np.testing.assert_array_equal(tuned[j][..., -c:], scales[name] * base[j][..., -c:], err_msg=name)
+        if j == 0:
+            np.testing.assert_array_equal(tuned[0][..., :-c], base[0][..., :-c])

@@ -14,6 +14,8 @@ Solvers work in lambda, so a schedule only needs these few methods. Schedules ar
 ``VE`` is the EDM convention: ``t`` is the noise level sigma itself and alpha = 1. ``RectifiedFlow`` is
 flow matching: alpha = 1 - sigma. On schedules with ``zero_end`` (VE, flows) a grid may end at t = 0,
 where sigma = 0 and lambda = +inf; solvers treat that last step specially, so ``lam(0)`` is never needed.
+On schedules with ``noise_start`` (flows) a grid may start at t = 1, where alpha = 0 and lambda = -inf
+(pure noise); solvers take the limit of that first step, so ``lam(1)`` is never needed either.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Schedule:
     t_max: float
     is_ve: bool = False
     zero_end: bool = False  # a grid may end at t = 0, where sigma = 0 (VE, flows)
+    noise_start: bool = False  # a grid may start at t = 1, where alpha = 0: pure noise (flows)
 
     def log_alpha(self, t):
         raise NotImplementedError
@@ -304,12 +307,14 @@ class RectifiedFlow(Schedule):
     lambda(t) = log((1 - t) / t) - log(shift): the shift only moves lambda by a constant, and
     ``t_from_lam`` is the exact inverse t = 1 / (1 + shift e^lambda).
 
-    Valid times are 0 <= t < 1. At t = 1 (pure noise) alpha = 0 and lambda = -inf, which no
-    lambda-based solver step can start from: start just below (diffusers' flow UniPC starts at
-    1 - 1e-6; the neglected data fraction of the state is 1 - t). t = 0 (sigma = 0) may only end a
-    grid; that step returns the data prediction, as for ``VE``. The default sampling range
-    [``t_min``, ``t_max``] = [1e-3, 1 - 1e-3] is symmetric in lambda (+-6.9 - log(shift)); 1e-3 is
-    also diffusers' last nonzero flow time (1 / num_train_timesteps). ``model_time`` is sigma(t),
+    Valid times are 0 <= t <= 1. t = 1 (pure noise: alpha = 0, lambda = -inf, ``noise_start``) may
+    only start a grid, as it does in diffusers' flow pipelines: every solver takes the limit of its
+    first step there (see :mod:`jdiffsample.solvers.core`), and the starting state is the noise itself
+    (``prior_std`` 1). t = 0 (sigma = 0) may only end a grid; that step returns the data prediction, as
+    for ``VE``. The default sampling range [``t_min``, ``t_max``] = [1e-3, 1 - 1e-3] is symmetric in
+    lambda (+-6.9 - log(shift)), which grids uniform in lambda need; ``t_max = 1`` is allowed for grids
+    that start at the noise (uniform in t, or diffusers' flow sigmas). 1e-3 is also diffusers' last
+    nonzero flow time (1 / num_train_timesteps). ``model_time`` is sigma(t),
     the shifted noise level flow networks are trained with (diffusers' SD3/Flux pipelines pass
     1000 sigma). In float32, a time t near 1 fixes alpha = 1 - sigma only to about 6e-8 / (1 - t)
     relative; the noise-prediction solvers (DEIS, iPNDM), which divide by alpha, feel it most.
@@ -319,12 +324,13 @@ class RectifiedFlow(Schedule):
     t_min: float = 1e-3
     t_max: float = 1.0 - 1e-3
     zero_end = True
+    noise_start = True
 
     def __post_init__(self):
         if not self.shift > 0:
             raise ValueError(f"shift must be positive, got {self.shift}")
-        if not 0.0 < self.t_min < self.t_max < 1.0:
-            raise ValueError(f"need 0 < t_min < t_max < 1, got t_min={self.t_min}, t_max={self.t_max}")
+        if not 0.0 < self.t_min < self.t_max <= 1.0:
+            raise ValueError(f"need 0 < t_min < t_max <= 1, got t_min={self.t_min}, t_max={self.t_max}")
 
     def log_alpha(self, t):
         t = jnp.asarray(t)
@@ -346,10 +352,12 @@ class RectifiedFlow(Schedule):
 
     def check_times(self, ts) -> None:
         ts = np.asarray(ts, dtype=np.float64)
-        if not np.all(np.isfinite(ts)) or np.any(ts < 0) or np.any(ts >= 1):
-            raise ValueError(f"flow times must lie in [0, 1) (t = 1 has alpha = 0: start below it), got {ts}")
+        if not np.all(np.isfinite(ts)) or np.any(ts < 0) or np.any(ts > 1):
+            raise ValueError(f"flow times must lie in [0, 1], got {ts}")
         if np.any(ts[:-1] == 0):
             raise ValueError("a flow grid may reach t = 0 (sigma = 0) only at its last point")
+        if np.any(ts[1:] == 1):
+            raise ValueError("a flow grid may start at t = 1 (alpha = 0, pure noise) but not reach it later")
 
 
 # ---------------------------------------------------------------------------------------------

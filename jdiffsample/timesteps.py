@@ -3,19 +3,26 @@
 All grids are computed in float64 NumPy and returned as such; solvers cast them to the state's
 dtype. ``t_start``/``t_end`` default to the schedule's ``t_max``/``t_min``. ``ays`` returns the
 published Align Your Steps grids (fixed noise ranges); grids searched with a model (GITS) or a bound
-are in :mod:`jdiffsample.optimize`.
+are in :mod:`jdiffsample.optimize`. ``flow_match`` gives the times of diffusers' flow-matching
+scheduler (``FlowMatchEulerDiscreteScheduler``: SD3, Flux) from its config.
+
+A flow grid may start at t = 1 (alpha = 0, lambda = -inf): uniform in t, quadratic and ``flow_match``
+grids can; grids spaced in lambda or sigma / alpha (logsnr, karras) cannot, and say so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 
 from jdiffsample.schedules import Schedule, float64
 
-__all__ = ["logsnr", "uniform_t", "quadratic_t", "karras", "ays", "AYS_SIGMAS", "get", "GRIDS"]
+__all__ = ["logsnr", "uniform_t", "quadratic_t", "karras", "ays", "AYS_SIGMAS", "flow_match", "flow_match_sigmas",
+           "get", "GRIDS"]
 
 
 def _endpoints(schedule: Schedule, t_start, t_end):
@@ -43,7 +50,11 @@ def _host():
 
 def _lam(schedule, t):
     with _host():
-        return float(schedule.lam(np.float64(t)))
+        lam = float(schedule.lam(np.float64(t)))
+    if not math.isfinite(lam):
+        raise ValueError(f"a grid spaced in lambda or sigma / alpha cannot reach t = {t} on {schedule!r}, where "
+                         "lambda is infinite: use uniform_t, quadratic_t or flow_match, or end the range inside")
+    return lam
 
 
 def _t(schedule, lam):
@@ -153,6 +164,123 @@ def ays(schedule: Schedule, n_steps: int, *, model: str) -> np.ndarray:
                          "(it is for another model)")
     log_sigma = np.interp(np.linspace(0.0, 1.0, n + 1), np.linspace(0.0, 1.0, native + 1), np.log(published))
     return _pin_ends(_t(schedule, -log_sigma), schedule.t_max, schedule.t_min)
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers' flow-matching grids
+
+
+_FLOW_PIPELINES = ("sd3", "flux")
+_FLOW_UNSUPPORTED = {"invert_sigmas": "Mochi's inverted sigmas", "stochastic_sampling": None}
+_SEQ_DEFAULTS = dict(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5)
+
+
+def _flow_shift_mu(config: Mapping, pipeline: str, image_seq_len, mu):
+    """mu of the resolution-dependent shift: given, or the pipelines' ``calculate_shift`` (linear in
+    the number of image tokens from (base_image_seq_len, base_shift) to (max_image_seq_len, max_shift))."""
+    if mu is not None:
+        return float(mu)
+    if image_seq_len is None:
+        raise ValueError("this scheduler config shifts with the image size (use_dynamic_shifting): pass "
+                         "image_seq_len (the number of image tokens) or mu")
+    get = {**_SEQ_DEFAULTS, "max_shift": 1.15 if pipeline == "flux" else 1.16, **{
+        k: v for k, v in config.items() if v is not None}}.get
+    slope = (get("max_shift") - get("base_shift")) / (get("max_image_seq_len") - get("base_image_seq_len"))
+    return image_seq_len * slope + (get("base_shift") - slope * get("base_image_seq_len"))
+
+
+def _flow_shifted(config: Mapping, sigmas, mu):
+    """The scheduler's time shift of ``sigmas``, in their dtype (as diffusers computes it)."""
+    f = sigmas.dtype.type
+    if config.get("use_dynamic_shifting", False):
+        if config.get("time_shift_type", "exponential") == "exponential":
+            return f(math.exp(mu)) / (f(math.exp(mu)) + (f(1) / sigmas - f(1)))
+        return f(mu) / (f(mu) + (f(1) / sigmas - f(1)))
+    shift = float(config.get("shift", 1.0))
+    return f(shift) * sigmas / (f(1) + f(shift - 1.0) * sigmas)
+
+
+def _flow_respaced(config: Mapping, sigmas, n):
+    """``shift_terminal`` and the karras / exponential / beta respacings of the scheduler."""
+    terminal = config.get("shift_terminal")
+    if terminal:
+        if n < 2:
+            raise ValueError("shift_terminal needs at least 2 steps (diffusers divides by 0 at 1 step)")
+        f = sigmas.dtype.type
+        one_minus = f(1) - sigmas
+        sigmas = f(1) - one_minus / (one_minus[-1] / f(1.0 - terminal))
+    lo, hi = float(sigmas[-1]), float(sigmas[0])
+    if config.get("use_karras_sigmas", False):
+        ramp = np.linspace(0.0, 1.0, n)
+        sigmas = (hi ** (1 / 7.0) + ramp * (lo ** (1 / 7.0) - hi ** (1 / 7.0))) ** 7.0
+    elif config.get("use_exponential_sigmas", False):
+        sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
+    elif config.get("use_beta_sigmas", False):
+        from scipy import stats  # optional dependency, only for these configs
+
+        sigmas = np.array([lo + ppf * (hi - lo) for ppf in stats.beta.ppf(1.0 - np.linspace(0.0, 1.0, n), 0.6, 0.6)])
+    return sigmas
+
+
+def flow_match_sigmas(config: Mapping, n_steps: int, *, image_seq_len: int | None = None, mu: float | None = None,
+                      pipeline: str | None = None) -> np.ndarray:
+    """The N + 1 sigmas (the last 0) diffusers' ``FlowMatchEulerDiscreteScheduler`` steps through for
+    ``n_steps`` steps, from its config dict (``scheduler/scheduler_config.json``), to the last bit.
+
+    ``pipeline`` says which base sigmas are shifted: 'sd3' (``StableDiffusion3Pipeline`` and any
+    pipeline that passes none: the scheduler's own, uniform from its first to its last training sigma,
+    themselves shifted once at construction) or 'flux' (``FluxPipeline``'s linspace(1, 1 / N, N));
+    by default 'flux' for configs with ``use_dynamic_shifting`` and 'sd3' otherwise. The shift is the
+    config's static ``shift``, or with ``use_dynamic_shifting`` e^mu ('exponential') or mu ('linear'),
+    mu linear in ``image_seq_len``, the number of image tokens: (H / 16) (W / 16) for Flux
+    (8x VAE, 2x2 packing), (h / p) (w / p) latent patches for SD3. Then ``shift_terminal`` and the
+    karras / exponential / beta respacings apply, as in the scheduler. Values are float32 ones (the
+    scheduler's tensors), as float64. ``invert_sigmas`` (Mochi) is not a grid of this package:
+    ``ValueError``.
+    """
+    n = _check_n(n_steps)
+    config = dict(config)
+    for key, what in _FLOW_UNSUPPORTED.items():
+        if what and config.get(key):
+            raise ValueError(f"{key}=True ({what}) is not supported")
+    pipeline = pipeline or ("flux" if config.get("use_dynamic_shifting") else "sd3")
+    if pipeline not in _FLOW_PIPELINES:
+        raise ValueError(f"pipeline must be one of {_FLOW_PIPELINES}, got {pipeline!r}")
+    if config.get("use_dynamic_shifting"):
+        mu = _flow_shift_mu(config, pipeline, image_seq_len, mu)
+    train = int(config.get("num_train_timesteps", 1000))
+    if pipeline == "flux":  # the pipeline's sigmas, cast to float32 by the scheduler
+        sigmas = _flow_shifted(config, np.linspace(1.0, 1.0 / n, n).astype(np.float32), mu)
+    else:
+        # The scheduler's construction: its training sigmas (float32), shifted unless dynamic; then
+        # set_timesteps spaces N points from the first to the last of them (float64) and shifts again.
+        own = np.linspace(1, train, train, dtype=np.float32)[::-1] / np.float32(train)
+        if not config.get("use_dynamic_shifting"):
+            own = _flow_shifted(config, own, None)
+        sigmas = _flow_shifted(config, np.linspace(float(own[0]) * train, float(own[-1]) * train, n) / train, mu)
+    sigmas = _flow_respaced(config, sigmas, n).astype(np.float32)
+    return np.append(sigmas.astype(np.float64), 0.0)
+
+
+def flow_match(schedule: Schedule, n_steps: int, config: Mapping, *, image_seq_len: int | None = None,
+               mu: float | None = None, pipeline: str | None = None) -> np.ndarray:
+    """The times of ``schedule`` (a ``RectifiedFlow``) at :func:`flow_match_sigmas`: the grid a
+    diffusers flow pipeline samples on (from t = 1, pure noise, for its usual configs, to 0).
+
+    ``schedule.sigma(t)`` equals the scheduler's sigmas to rounding (t = 1 and 0 exactly); the
+    schedule's own ``shift`` only reparametrizes t. ``ValueError`` when those sigmas do not decrease
+    strictly (no solver steps through a repeated time).
+    """
+    if not schedule.noise_start:
+        raise ValueError(f"flow_match needs a flow schedule (RectifiedFlow), got {schedule!r}")
+    sigmas = flow_match_sigmas(config, n_steps, image_seq_len=image_seq_len, mu=mu, pipeline=pipeline)
+    if not np.all(np.diff(sigmas) < 0) or sigmas[0] > 1:
+        raise ValueError(f"this config gives sigmas that do not decrease strictly from at most 1: {sigmas}")
+    shift = float(schedule.shift)
+    ts = sigmas / (shift - (shift - 1.0) * sigmas)
+    ts[sigmas == 1.0] = 1.0
+    schedule.check_times(ts)
+    return ts
 
 
 GRIDS = {"logsnr": logsnr, "uniform": uniform_t, "quadratic": quadratic_t, "karras": karras}

@@ -72,23 +72,25 @@ def random_state_dict(keys: dict, seed: int = 0) -> dict:
     return sd
 
 
-def check_grad_wrt_times(run, ts0, target, rel: float = 1e-5) -> None:
+def check_grad_wrt_times(run, ts0, target, rel: float = 1e-5, ends: bool = False) -> None:
     """The gradient of mean((run(ts) - target)^2) with respect to the interior times of ``ts0``
-    equals central finite differences (both jitted, float64)."""
+    equals central finite differences (both jitted, float64). With ``ends``, the gradient is taken
+    with respect to every time, the first and last included, and must be finite there too."""
     import jax.numpy as jnp
 
-    def loss(interior):
-        ts = jnp.concatenate([ts0[:1], interior, ts0[-1:]])
+    def loss(interior, first, last):
+        ts = jnp.concatenate([first, interior, last])
         return jnp.mean((run(ts) - target) ** 2)
 
-    interior = ts0[1:-1]
-    grad = jax.jit(jax.grad(loss))(interior)
-    assert bool(jnp.all(jnp.isfinite(grad)))
+    interior, first, last = ts0[1:-1], ts0[:1], ts0[-1:]
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2) if ends else 0))(interior, first, last)
+    grad = grads[0] if ends else grads
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in (grads if ends else [grads])), grads
     compiled = jax.jit(loss)
     for i in range(interior.shape[0]):
         eps = 1e-6 * float(interior[i])
         e = jnp.zeros_like(interior).at[i].set(eps)
-        fd = (compiled(interior + e) - compiled(interior - e)) / (2 * eps)
+        fd = (compiled(interior + e, first, last) - compiled(interior - e, first, last)) / (2 * eps)
         assert abs(float(grad[i]) - float(fd)) < rel * max(1.0, abs(float(fd))), (i, grad[i], fd)
 
 
@@ -147,3 +149,111 @@ def pipeline_images(model, indices, *, batch=None, devices=None, **settings):
     indices = np.asarray(indices)
     plan = pipeline.plan(model, pipeline.Settings.create(**settings), num=len(indices))
     return pipeline.Runner(plan, batch=batch, devices=devices, num=len(indices))(indices)
+
+
+# -- diffusers' schedulers kept in float64 (test-time references) ------------------------------------
+
+
+def float64_dpm_solver():
+    """diffusers' ``DPMSolverMultistepScheduler`` with the float64 state (and SDE noise) handed to its
+    update rules: its ``step`` casts both to float32 first (an upcast meant for half-precision models,
+    which alone leaves differences of about 4e-7)."""
+    diffusers = require("diffusers")
+
+    class Float64DPMSolver(diffusers.DPMSolverMultistepScheduler):
+        def step(self, model_output, timestep, sample, variance_noise=None, **kwargs):
+            self._state, self._noise = sample, variance_noise
+            return super().step(model_output, timestep, sample, variance_noise=variance_noise, **kwargs)
+
+        def _float64(self, kwargs):
+            kwargs = {**kwargs, "sample": self._state}
+            if self._noise is not None:
+                kwargs["noise"] = self._noise
+            return kwargs
+
+        def dpm_solver_first_order_update(self, model_output, *args, **kwargs):
+            return super().dpm_solver_first_order_update(model_output, *args, **self._float64(kwargs))
+
+        def multistep_dpm_solver_second_order_update(self, model_output_list, *args, **kwargs):
+            return super().multistep_dpm_solver_second_order_update(model_output_list, *args, **self._float64(kwargs))
+
+        def multistep_dpm_solver_third_order_update(self, model_output_list, *args, **kwargs):
+            return super().multistep_dpm_solver_third_order_update(model_output_list, *args, **self._float64(kwargs))
+
+    return Float64DPMSolver
+
+
+def float64_flow_match_euler():
+    """diffusers' ``FlowMatchEulerDiscreteScheduler`` whose ``step`` keeps what its float32 cast of the
+    state drops (x + (sigma' - sigma) v is linear in x: the dropped part is added back)."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+
+    class Float64FlowMatchEuler(diffusers.FlowMatchEulerDiscreteScheduler):
+        def step(self, model_output, timestep, sample, **kwargs):
+            out = super().step(model_output, timestep, sample, **kwargs)
+            lost = sample - sample.to(torch.float32).to(sample.dtype)
+            return type(out)(prev_sample=out.prev_sample + lost)
+
+    return Float64FlowMatchEuler
+
+
+def run_scheduler(scheduler, model, x, ts, noise=None):
+    """A diffusers scheduler's loop on its ``sigmas`` (set to float64 here) from the state ``x``:
+    ``model(state, ts[i])`` gives the model output at step i, ``noise(i)`` the SDE noise of step i
+    (``variance_noise``). Returns the final state (float64 NumPy)."""
+    torch = require("torch")
+    scheduler.sigmas = scheduler.sigmas.to(torch.float64)
+    state = torch.from_numpy(np.array(x))
+    for i, timestep in enumerate(scheduler.timesteps):
+        out = torch.from_numpy(np.array(model(state.numpy(), ts[i])))
+        extra = {} if noise is None else dict(variance_noise=torch.from_numpy(np.array(noise(i))))
+        state = scheduler.step(out, timestep, state, **extra).prev_sample
+    assert state.dtype == torch.float64
+    return state.numpy()
+
+
+# -- Skip-Tuning: the consuming blocks' inputs ------------------------------------------------------
+
+
+def skip_consumer_inputs(apply, variables, consumes):
+    """A jitted ``skip -> [inputs]``: the inputs of the decoder blocks that take a long skip, in call
+    order, recorded with ``nn.intercept_methods`` while ``apply({**variables, "skip": skip})`` runs;
+    ``consumes(module)`` tells such a block."""
+    from flax import linen as nn
+
+    def run(skip):
+        seen = []
+
+        def record(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and consumes(context.module):
+                seen.append(args[0])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            apply({**variables, "skip": skip})
+        return seen
+
+    return jax.jit(run)
+
+
+def assert_skips_scaled(inputs_of, scales: dict) -> None:
+    """Every consuming block's input ends with the skip's channels times its own scale, exactly (the
+    network's float32 product; the same bits where a later constant multiplies the concatenation, as
+    EDM2's ``mp_cat`` does, only for powers of 2), and the deepest consumer's main-path channels are
+    the unscaled run's: neither the main path scaled nor another skip's scale. The skip channels are
+    those an all-zero scaling zeroes. ``scales``: the ``"skip"`` collection {name: rho} to run, in
+    consumption order."""
+    names = list(scales)
+    scales = {n: np.float32(v) for n, v in scales.items()}
+    base = [np.asarray(a) for a in inputs_of({n: np.float32(1) for n in names})]
+    zero = [np.asarray(a) for a in inputs_of({n: np.float32(0) for n in names})]
+    tuned = [np.asarray(a) for a in inputs_of(scales)]
+    assert len(base) == len(zero) == len(tuned) == len(names)
+    for j, name in enumerate(names):
+        nonzero = np.any(zero[j] != 0, axis=tuple(range(zero[j].ndim - 1)))
+        c = int(np.argmax(nonzero[::-1])) if nonzero.any() else nonzero.size  # trailing zeroed channels
+        assert 0 < c < base[j].shape[-1], (name, c)
+        np.testing.assert_array_equal(tuned[j][..., -c:], scales[name] * base[j][..., -c:], err_msg=name)
+        if j == 0:
+            np.testing.assert_array_equal(tuned[0][..., :-c], base[0][..., :-c])

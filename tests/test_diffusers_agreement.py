@@ -1,4 +1,4 @@
-"""jdiffsample's multistep solvers agree with diffusers' schedulers to 1e-6 (float64).
+"""jdiffsample's multistep solvers agree with diffusers' schedulers to 1e-12 (float64).
 
 diffusers serves only as a test-time reference. Both sides integrate the same analytic denoiser (a
 Gaussian-mixture posterior mean) on the same sigma grid, the one the diffusers scheduler builds for
@@ -15,13 +15,16 @@ Two harness details keep diffusers in float64. Its ``sigmas`` (float32 after ``s
 are converted to float64: the same values, hence the same grid, but coefficients no longer rounded
 to float32. And ``DPMSolverMultistepScheduler.step`` casts the state to float32 before updating it
 (an upcast meant for half-precision models; it alone leaves differences of up to about 4e-7), so
-``_Float64DPMSolver`` hands diffusers' own update functions the float64 state instead.
+``_helpers.float64_dpm_solver`` hands diffusers' own update functions the float64 state instead.
+
+The tolerance is what float64 leaves: measured differences are at most 2e-15 relative.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import float64_dpm_solver
 from conftest import require
 
 torch = require("torch")
@@ -30,7 +33,7 @@ diffusers = require("diffusers")
 import jdiffsample  # noqa: E402
 from jdiffsample import schedules, testing  # noqa: E402
 
-RTOL = 1e-6
+RTOL = 1e-12
 BATCH, DIM = 4, 8
 
 
@@ -51,27 +54,6 @@ def mixture():
 def denoise(mixture):
     """The exact posterior mean D(x, s) in VE coordinates (jitted once for both sides)."""
     return jax.jit(mixture.denoiser(schedules.VE()))
-
-
-class _Float64DPMSolver(diffusers.DPMSolverMultistepScheduler):
-    """diffusers' DPM-Solver with the float64 state passed to its update rules (see the module doc)."""
-
-    def step(self, model_output, timestep, sample, **kwargs):
-        self._state = sample
-        return super().step(model_output, timestep, sample, **kwargs)
-
-    def dpm_solver_first_order_update(self, model_output, *args, sample=None, **kwargs):
-        return super().dpm_solver_first_order_update(model_output, *args, sample=self._state, **kwargs)
-
-    def multistep_dpm_solver_second_order_update(self, model_output_list, *args, sample=None, **kwargs):
-        return super().multistep_dpm_solver_second_order_update(
-            model_output_list, *args, sample=self._state, **kwargs
-        )
-
-    def multistep_dpm_solver_third_order_update(self, model_output_list, *args, sample=None, **kwargs):
-        return super().multistep_dpm_solver_third_order_update(
-            model_output_list, *args, sample=self._state, **kwargs
-        )
 
 
 def _run_pair(scheduler, denoise, mixture, solver, **options):
@@ -168,7 +150,7 @@ def test_dpmpp_matches_diffusers(denoise, mixture, order, n_steps, final_sigmas_
     With a final sigma of 0 diffusers always ends with a first-order step, which returns the data
     prediction, as our step into sigma = 0 does.
     """
-    scheduler = _Float64DPMSolver(
+    scheduler = float64_dpm_solver()(
         solver_order=order, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
         prediction_type="sample", final_sigmas_type=final_sigmas_type,
     )

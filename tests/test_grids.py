@@ -208,14 +208,18 @@ def test_ld3_loss_is_the_soft_teacher_loss_and_differentiable(ld3_problem):
 
 
 def test_learning_with_ld3_lowers_held_out_error(ld3_problem):
-    """UniPC-3, 5 steps: held-out MSE 0.067 -> 0.005 with the soft loss at radius 0.5 (0.011 with the
-    plain MSE; at LD3's default radius, 6.4e-4 here, the two coincide)."""
+    """UniPC-3, 5 steps, 20 iterations: the held-out MSE falls to 0.074 of its start with the soft loss
+    at radius 0.5, to 0.159 with the plain MSE (and with LD3's radius ignored, which is the plain MSE;
+    at LD3's default radius, 6.4e-4 here, the two coincide): LD3 must beat an MSE run by a margin."""
     sch, den, train, held = ld3_problem
     ts0 = timesteps.logsnr(sch, 5)
-    res = learn.learn_timesteps(den, sch, "unipc", train, ts0, holdout=held, teacher_steps=200, maxiter=20,
-                                   loss="ld3", radius=0.5, order=3)
+    runs = {loss: learn.learn_timesteps(den, sch, "unipc", train, ts0, holdout=held, teacher_steps=200, maxiter=20,
+                                           loss=loss, order=3, **(dict(radius=0.5) if loss == "ld3" else {}))
+            for loss in ("ld3", "mse")}
+    ratio = {loss: r.holdout_error / r.init_holdout_error for loss, r in runs.items()}
+    res = runs["ld3"]
     assert np.all(np.diff(res.ts) < 0) and res.ts[0] == ts0[0] and res.ts[-1] == ts0[-1]
-    assert res.holdout_error < 0.2 * res.init_holdout_error
+    assert ratio["ld3"] < 0.6 * ratio["mse"] < 0.6 * 0.2, ratio
     assert res.train_error < res.init_train_error
     assert learn.ld3_radius(sch, train, 1.0, 5) == pytest.approx(0.001 * 16 / 25 * float(sch.sigma(1.0)))
     with pytest.raises(ValueError, match="loss must be 'mse' or 'ld3'"):

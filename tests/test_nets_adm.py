@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import assert_skips_scaled, skip_consumer_inputs
 from conftest import activation_dtypes, fixture_dir
 from flax import traverse_util
 
@@ -151,12 +152,15 @@ def test_skip_collection_names(tiny):
         assert sorted(skip) == [adm.skip_name(j) for j in range(count)]
 
 
-def test_skip_scale_changes_output(tiny):
+def test_each_skip_scale_scales_its_concatenated_copy(tiny):
+    """Skip j scaled by 2^-(j+1): output block j's first block gets exactly those multiples of the
+    unscaled run's skip channels (recorded at its input), and the deepest consumer the same main path."""
     kwargs, variables, inputs = tiny
-    base = _apply(kwargs, variables, *inputs)
-    for name in variables["skip"]:
-        scaled = {**variables, "skip": {**variables["skip"], name: jnp.float32(0.5)}}
-        assert np.abs(_apply(kwargs, scaled, *inputs) - base).max() > 1e-5, name
+    names = sorted(variables["skip"])
+    consumers = {f"output_blocks_{j}_0" for j in range(len(names))}
+    model = adm.build(kwargs)
+    inputs_of = skip_consumer_inputs(lambda v: model.apply(v, *inputs), variables, lambda m: m.name in consumers)
+    assert_skips_scaled(inputs_of, {n: 2.0 ** -(j + 1) for j, n in enumerate(names)})
 
 
 def test_bfloat16_close_to_float32(tiny):

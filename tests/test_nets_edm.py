@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import assert_skips_scaled, skip_consumer_inputs
 from conftest import activation_dtypes, fixture_dir
 
 from jdiffsample.nets import edm, edm_unets
@@ -113,12 +114,15 @@ def test_skip_scale_acts_only_on_the_concatenated_copy():
 
 
 @pytest.mark.parametrize("name", EDM_FIXTURES)
-def test_changing_one_skip_scale_changes_the_output(name):
-    _, variables, _ = _converted(name)
-    top = EXPECTED_SKIPS[-1]
-    out = _run(name)
-    out_scaled = _run(name, {**variables, "skip": {**variables["skip"], top: np.float32(0.5)}})
-    assert np.abs(out - out_scaled).max() > 1e-4 * np.abs(out).max()
+def test_each_skip_scale_scales_its_concatenated_copy(name):
+    """Skip j scaled by 2^-(j+1): the block that consumes it gets exactly those multiples of the
+    unscaled run's skip channels (recorded at its input), and the deepest consumer the same main path."""
+    module, variables, _ = _converted(name)
+    _, _, inputs, _ = _fixture(name)
+    consumers = {("dec", n[3:]) for n in EXPECTED_SKIPS}
+    inputs_of = skip_consumer_inputs(lambda v: module.apply(v, *inputs), variables,
+                                     lambda m: tuple(m.path[-2:]) in consumers)
+    assert_skips_scaled(inputs_of, {n: 2.0 ** -(j + 1) for j, n in enumerate(EXPECTED_SKIPS)})
 
 
 @pytest.mark.parametrize("name", ["edm_ncsnpp_ve_tiny", "edm_adm_edm_tiny"])

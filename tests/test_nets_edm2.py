@@ -19,6 +19,7 @@ import pytest
 from flax import traverse_util
 
 import _torch_pickles as tp
+from _helpers import assert_skips_scaled, skip_consumer_inputs
 from conftest import fixture_dir
 from jdiffsample.nets import edm2
 from jdiffsample.nets.formats import statedict, torchfile
@@ -175,12 +176,17 @@ def test_skip_scales_of_one_are_bit_identical_to_no_scaling(tiny):
     np.testing.assert_array_equal(scaled[1], plain[1])
 
 
-@pytest.mark.parametrize("skip", ["00_4x4_block0", "03_8x8_block1"])
-def test_changing_one_skip_scale_changes_the_output(tiny, skip):
-    _, _, _, _, variables, _ = tiny
-    out = np.asarray(_forward(tiny)[0])
-    scaled = {**variables, "skip": {**variables["skip"], skip: np.float32(0.7)}}
-    assert np.abs(np.asarray(_forward(tiny, scaled)[0]) - out).max() > 1e-4 * np.abs(out).max()
+def test_each_skip_scale_scales_its_concatenated_copy(tiny):
+    """Skip j scaled by 2^-(j+1): the block that consumes it gets exactly those multiples of the
+    unscaled run's skip channels after ``mp_cat`` (recorded at its input; the powers of 2 commute with
+    mp_cat's weights), and the deepest consumer the same main path."""
+    _, _, io, module, variables, _ = tiny
+    names = list(module.skip_names)
+    consumers = {("dec", n[3:]) for n in names}
+    inputs_of = skip_consumer_inputs(
+        lambda v: module.apply(v, io["x"], io["sigma"], io["class_labels"], return_logvar=True), variables,
+        lambda m: tuple(m.path[-2:]) in consumers)
+    assert_skips_scaled(inputs_of, {n: 2.0 ** -(j + 1) for j, n in enumerate(names)})
 
 
 # ---------------------------------------------------------------------------------------------

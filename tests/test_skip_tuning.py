@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _helpers import assert_skips_scaled, skip_consumer_inputs
 from conftest import fixture_dir
 
 from jdiffsample import skip_tuning
@@ -33,8 +34,14 @@ def _load(name):
         variables = edm.convert_state_dict(cfg["class_name"], cfg["kwargs"], sd)
         args = (x, jnp.asarray(io["sigma"]), jnp.asarray(io["class_labels"]))
     apply = jax.jit(module.apply)
+    if cfg["class_name"] == "UNetModel":  # output block j's first block takes skip j
+        consumers = {f"output_blocks_{j}_0" for j in range(len(variables["skip"]))}
+        consumes = lambda m: m.name in consumers  # noqa: E731
+    else:
+        consumes = lambda m: tuple(m.path[-2:]) in {("dec", n) for n in TINY_CONSUMERS}  # noqa: E731
+    inputs_of = skip_consumer_inputs(lambda v: module.apply(v, *args), variables, consumes)
     return dict(module=module, variables=variables, run=lambda v: np.asarray(apply(v, *args)),
-                output=io["output"].transpose(0, 2, 3, 1))
+                output=io["output"].transpose(0, 2, 3, 1), inputs_of=inputs_of)
 
 
 @pytest.fixture(scope="module", params=["adm_guided_tiny", "edm_adm_edm_tiny"])
@@ -50,14 +57,17 @@ def test_identity_at_rho_one_is_bit_identical(net):
     assert np.array_equal(net["run"](same), base)
 
 
-def test_tuned_network_differs(net):
-    base = net["run"](net["variables"])
-    tuned = net["run"](skip_tuning.apply(net["variables"], rho_bottom=0.7))
-    assert np.all(np.isfinite(tuned))
-    assert np.abs(tuned - base).max() > 1e-3 * np.abs(base).max()
-    # only the outermost skip changed: a different, smaller but non-zero change
-    top_only = net["run"](skip_tuning.apply(net["variables"], rho_top=0.7, rho_bottom=1.0))
-    assert not np.array_equal(top_only, base) and not np.array_equal(top_only, tuned)
+@pytest.mark.parametrize("rho_top,rho_bottom", [(1.0, 0.7), (0.7, 1.0)])
+def test_tuned_network_scales_each_skip(net, rho_top, rho_bottom):
+    """The paper's schedule rho_i = rho_bottom + i (rho_top - rho_bottom) / k, i = 0 the deepest skip
+    (consumed first), and each consuming block's input holds exactly rho_i times the skip."""
+    tuned = skip_tuning.apply(net["variables"], rho_top=rho_top, rho_bottom=rho_bottom)["skip"]
+    names = sorted(tuned)
+    k = len(names) - 1
+    expected = [rho_bottom + i * (rho_top - rho_bottom) / k for i in range(k + 1)]
+    np.testing.assert_allclose([float(tuned[n]) for n in names], expected, rtol=1e-7)
+    assert_skips_scaled(net["inputs_of"], {n: tuned[n] for n in names})
+    assert np.all(np.isfinite(net["run"](skip_tuning.apply(net["variables"], rho_top=rho_top, rho_bottom=rho_bottom))))
 
 
 def test_scales_follow_adm_architecture():

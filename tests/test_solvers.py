@@ -154,26 +154,31 @@ def test_euler_is_ddim_and_unipc1_without_corrector_is_ddim():
     np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("schedule", [schedules.VE(), schedules.RectifiedFlow(shift=3.0)], ids=["ve", "flow"])
 @pytest.mark.parametrize("solver", registry.names())
-def test_final_sigma_zero_returns_data_prediction(solver):
-    """Every registered solver: a VE grid's last step into sigma = 0 returns the data prediction of
-    the last model call, which every solver makes at the last nonzero time. The denoiser returns a
-    marker K exactly there (the mixture's posterior mean elsewhere), so the output must be K."""
-    sch = schedules.VE()
+def test_final_sigma_zero_returns_data_prediction(solver, schedule):
+    """Every registered solver: a last step into sigma = 0 returns the data prediction of the last
+    model call, which every solver makes at the last nonzero time. The denoiser returns a marker K
+    exactly there (the mixture's posterior mean elsewhere), so the output must be K. On VE (EDM's
+    Karras grid) and on a flow, from t = 1 (the noise: a first step that takes its limit) to t = 0."""
     gmm = _gmm(dim=16)
-    inner = gmm.denoiser(sch)
-    x = gmm.sample_marginal(jax.random.key(3), 8, 80.0, sch, dtype=jnp.float64)
-    ts = timesteps.karras(sch, 8, final_zero=True)
+    inner = gmm.denoiser(schedule)
+    if schedule.is_ve:
+        ts = timesteps.karras(schedule, 8, final_zero=True)
+    else:
+        ts = timesteps.uniform_t(schedules.RectifiedFlow(shift=3.0, t_max=1.0), 8, t_end=0.0)
+    x = gmm.sample_marginal(jax.random.key(3), 8, ts[0], schedule, dtype=jnp.float64)
     marker = jax.random.normal(jax.random.key(4), x.shape, jnp.float64)
 
     def den(y, t):
         return jnp.where(t == ts[-2], marker, inner(y, t))
 
     options = registry.get(solver).deterministic()
-    traj = jdiffsample.sample(den, x, ts, sch, solver=solver, return_trajectory=True, **options)
+    traj = jdiffsample.sample(den, x, ts, schedule, solver=solver, return_trajectory=True, **options)
     assert traj.shape == (9, *x.shape)
     np.testing.assert_allclose(traj[-1], marker, rtol=1e-12, atol=1e-12)
     assert bool(jnp.all(jnp.isfinite(traj)))
+    assert float(jnp.max(jnp.abs(traj[-2] - marker))) > 0.1  # the state before the last step is not K
 
 
 def test_ddim_eta1_matches_ddpm_posterior_step():

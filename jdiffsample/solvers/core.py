@@ -27,6 +27,17 @@ e^{-lambda}), with the interpolation variable ``Plan.variable``:
   iPNDM_v); with ``equal_steps`` the nodes are r_j = -j whatever the grid, which gives the classical
   fixed Adams-Bashforth coefficients (iPNDM).
 
+A grid may start at alpha = 0 (t = 1 on a flow, ``Schedule.noise_start``), where lambda = -inf: the
+first step is then infinitely long in lambda, and every coefficient takes its limit h -> inf. The
+kernel concentrates at the step's end (z g_k -> 1 for every k), so the first step is
+x_1 = (sigma_1 / sigma_0) d x_0 + alpha_1 X_0 + sigma_1 sqrt(1 - d^2) xi, with d = e^{-tau^2 h} -> 0 where
+tau > 0 and 1 where tau = 0 (DDIM passes its own, sqrt(1 - eta^2)); a corrector of that step weights
+the target's prediction by its limit (all of it, or half with bh2; bh1's B(h) = h has no limit there and
+the exact moments are used instead). Later steps drop the node at lambda = -inf from their polynomial
+(its Lagrange weight tends to 0), keeping the moments of their nominal order; a polynomial in t keeps it
+(t = 1 is finite), as do the fixed equal-step coefficients. The grid's first point is replaced by a
+finite stand-in for the other coefficients, so no inf or NaN reaches them or their gradients.
+
 The sampling loop is one ``lax.scan`` with a fixed-size history of the predictions (PEC: the model
 is evaluated once per step, at the predicted point; the corrector reuses that evaluation). Without a
 network a step is bound by memory traffic, so it is written to read each state-sized array about
@@ -94,12 +105,16 @@ def moments(z, n: int):
     return jnp.stack(out, axis=-1)
 
 
-def node_weights(r, order, g):
+def node_weights(r, order, g, valid=None):
     """Solve the (masked) Vandermonde system V^T w = g for the first ``order`` nodes.
 
     ``r`` [n] nodes, ``g`` [n] moments, ``order`` <= n (may be traced). Inactive nodes get weight 0.
+    ``valid`` (may be traced): only the first ``valid`` nodes are finite; the others (at lambda = -inf)
+    are dropped together with the highest moments, which is the limit of the system as they recede.
     """
     n = r.shape[-1]
+    if valid is not None:
+        order = jnp.minimum(order, valid)
     powers = [jnp.ones_like(r)]
     for _ in range(1, n):
         powers.append(powers[-1] * r)  # products, not r**k: finite gradients at r = 0
@@ -178,7 +193,9 @@ def _t_moments(schedule: Schedule, lams, ts, n: int):
 
 
 class _Grid(NamedTuple):
-    """The grid quantities the tables need (a final t = 0 replaced by a finite stand-in)."""
+    """The grid quantities the tables need. A final t = 0 and a first t = 1 (alpha = 0) are replaced
+    by finite stand-ins here (``final_zero``, ``first_noise``); the steps they touch are rewritten by
+    their limits in ``_tables`` and ``multistep``."""
 
     t: jax.Array
     lam: jax.Array
@@ -187,16 +204,31 @@ class _Grid(NamedTuple):
     log_alpha: jax.Array
     rho: jax.Array
     final_zero: jax.Array
+    first_noise: jax.Array
+    t_real: jax.Array      # the times as given (the model is called there)
+    log_sigma0: jax.Array  # log sigma at the real first time
 
 
-def _grid(ts, schedule: Schedule, dtype) -> _Grid:
-    t_safe, lams, log_sigma, alpha, final_zero = grid_values(ts, schedule, dtype)
-    log_alpha = schedule.log_alpha(t_safe).astype(dtype)
-    return _Grid(t_safe, lams, log_sigma, alpha, log_alpha, jnp.exp(-lams), final_zero)
+def _limit_moments(g, order, shortcut, halve):
+    """The moments z g of the first step from alpha = 0 (z = inf): all 1 (the kernel sits at the step's
+    end), with the data-prediction shortcuts of ``order`` applied; bh1's B(h) = h has no limit (exact)."""
+    ones = jnp.ones_like(g)
+    return _modified_moments(ones, order, "exact" if shortcut == "bh1" else shortcut, halve)
 
 
-def _tables(plan: Plan, schedule: Schedule, grid: _Grid, tau_sq):
-    """Per-step multipliers, weights and noise scales (all [N] or [N, n]) from the grid."""
+def _modified_moments(g, order, shortcut, halve):
+    """UniPC's order-2 shortcut on g_1 and DPM-Solver++(3M)'s halved g_2 (``order`` [N], traced)."""
+    n = g.shape[1]
+    if n > 1:
+        g = g.at[:, 1].set(jnp.where(order == 2, _shortcut_g1(shortcut, g), g[:, 1]))
+    if halve and n > 2:
+        g = g.at[:, 2].set(jnp.where(order == 3, 0.5 * g[:, 2], g[:, 2]))
+    return g
+
+
+def _tables(plan: Plan, schedule: Schedule, grid: _Grid, tau_sq, first_decay=None):
+    """Per-step multipliers, weights and noise scales (all [N] or [N, n]) from the grid, and the weight
+    of the raw data prediction (``None`` unless a noise-prediction plan may start at alpha = 0)."""
     lams = grid.lam
     h = lams[1:] - lams[:-1]
     z = (1.0 + tau_sq) * h
@@ -206,7 +238,8 @@ def _tables(plan: Plan, schedule: Schedule, grid: _Grid, tau_sq):
     else:
         mult = jnp.exp(grid.log_sigma[1:] - grid.log_sigma[:-1] - tau_sq * h)
     noise = jnp.exp(grid.log_sigma[1:]) * safe_sqrt(-jnp.expm1(-2.0 * tau_sq * h))
-    coord = {"lambda": lams, "t": grid.t, "rho": grid.rho}[plan.variable]
+    t_nodes = grid.t.at[0].set(grid.t_real[0])  # a first t = 1 is a finite node of a polynomial in t
+    coord = {"lambda": lams, "t": t_nodes, "rho": grid.rho}[plan.variable]
     step = coord[1:] - coord[:-1]
     if plan.variable == "rho":
         scale = jnp.exp(grid.log_alpha[1:]) * step
@@ -221,27 +254,55 @@ def _tables(plan: Plan, schedule: Schedule, grid: _Grid, tau_sq):
         scale = grid.alpha[1:] * z
         base = lambda n: moments(z, n)  # noqa: E731
 
+    n_steps = h.shape[0]
+    k = jnp.arange(n_steps)
+    first_step = (k == 0) & grid.first_noise
+    # Nodes at lambda = -inf (rho = inf): the first point, seen from a later step, unless the polynomial
+    # is in t or has fixed coefficients. Predictor nodes are ages 0, 1, ...; the corrector's start with
+    # the target, so the first point is node k (predictor) or k + 1 (corrector) of step k.
+    drops = schedule.noise_start and plan.variable != "t" and not plan.equal_steps
+    big = jnp.full_like(k, 1 << 20)
+    valid_pred = jnp.where(grid.first_noise & (k > 0), k, big) if drops else None
+    valid_corr = jnp.where(grid.first_noise & (k > 0), k + 1, big) if drops else None
+
     def nodes(n):
         if plan.equal_steps:
             return jnp.broadcast_to(-jnp.arange(n, dtype=h.dtype), (h.shape[0], n))
         return _past_nodes(coord, step, n)
 
-    def weights(r, order, shortcut, halve):
-        g = base(r.shape[1])
-        g1 = jnp.where(order == 2, _shortcut_g1(shortcut, g), g[:, 1]) if r.shape[1] > 1 else None
-        if g1 is not None:
-            g = g.at[:, 1].set(g1)
-        if halve and r.shape[1] > 2:
-            g = g.at[:, 2].set(jnp.where(order == 3, 0.5 * g[:, 2], g[:, 2]))
-        w = jax.vmap(node_weights)(r, order, g)
-        return scale[:, None] * w
+    def weights(r, order, shortcut, halve, valid):
+        g = _modified_moments(base(r.shape[1]), order, shortcut, halve)
+        w_scale = scale
+        if schedule.noise_start and not noise_form:  # the first step from alpha = 0: its limit
+            g = jnp.where(first_step[:, None], _limit_moments(g, order, shortcut, halve), g)
+            w_scale = jnp.where(first_step, grid.alpha[1], scale)
+        if valid is None:
+            w = jax.vmap(node_weights)(r, order, g)
+        else:
+            w = jax.vmap(node_weights)(r, order, g, valid)
+        return w_scale[:, None] * w
 
     r_pred = nodes(plan.history)
-    wp = weights(r_pred, jnp.asarray(plan.pred_order), plan.pred_shortcut, plan.halve_g2)
+    wp = weights(r_pred, jnp.asarray(plan.pred_order), plan.pred_shortcut, plan.halve_g2, valid_pred)
     # Corrector nodes: the target (r = 1), then the current and past points.
     r_corr = jnp.concatenate([jnp.ones_like(r_pred[:, :1]), r_pred], axis=1)
-    wc = weights(r_corr, jnp.asarray(plan.corr_order), plan.corr_shortcut, False)
-    return mult, wp, wc, noise
+    wc = weights(r_corr, jnp.asarray(plan.corr_order), plan.corr_shortcut, False, valid_corr)
+
+    w_raw = None
+    if schedule.noise_start:
+        sigma1 = jnp.exp(grid.log_sigma[1])
+        if first_decay is None:
+            first_decay = jnp.where(tau_sq[0] > 0, 0.0, 1.0)
+        first_decay = jnp.asarray(first_decay, h.dtype)
+        if noise_form:  # x_1 = alpha_1 X_0 + sigma_1 E_0: the raw data prediction carries alpha_1
+            mult0 = jnp.zeros_like(mult[0])
+            wp = jnp.where(first_step[:, None], sigma1 * jnp.eye(wp.shape[1], dtype=h.dtype)[0], wp)
+            w_raw = jnp.where(first_step, grid.alpha[1], 0.0)
+        else:
+            mult0 = jnp.exp(grid.log_sigma[1] - grid.log_sigma0) * first_decay
+        mult = jnp.where(first_step, mult0, mult)
+        noise = jnp.where(first_step, sigma1 * safe_sqrt(1.0 - first_decay**2), noise)
+    return mult, wp, wc, noise, w_raw
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,21 +371,31 @@ def check_order(name: str, value, lo: int, hi: int) -> int:
 # The sampling loop
 
 
-def grid_values(ts, schedule: Schedule, dtype):
-    """lambda, log sigma and alpha on the grid, plus whether the grid ends at sigma = 0 (``zero_end``).
+def grid_values(ts, schedule: Schedule, dtype) -> _Grid:
+    """lambda, log sigma, alpha, ... on the grid, with whether it ends at sigma = 0 (``final_zero``) or
+    starts at alpha = 0 (``first_noise``).
 
-    A final sigma = 0 makes lambda infinite; it is replaced by a finite stand-in here and the step
-    is turned into 'return the data prediction' by the caller, so no inf or NaN reaches the
-    coefficients or their gradients.
+    A final sigma = 0 or a first alpha = 0 makes lambda infinite; such a point is replaced by a finite
+    stand-in here (``t``, ``lam``, ... hold the stand-ins; ``t_real`` the times as given) and the steps
+    it touches are rewritten by their limits by the caller, so no inf or NaN reaches the coefficients
+    or their gradients.
     """
     ts = jnp.asarray(ts, dtype)
+    t_safe = ts
+    final_zero = first_noise = jnp.asarray(False)
     if schedule.zero_end:
         final_zero = ts[-1] == 0
-        t_safe = ts.at[-1].set(jnp.where(final_zero, ts[-2] * 0.5, ts[-1]))
-    else:
-        final_zero = jnp.asarray(False)
-        t_safe = ts
-    return t_safe, schedule.lam(t_safe), schedule.log_sigma(t_safe), schedule.alpha(t_safe), final_zero
+        t_safe = t_safe.at[-1].set(jnp.where(final_zero, ts[-2] * 0.5, ts[-1]))
+    if schedule.noise_start:
+        first_noise = ts[0] >= 1
+        t_safe = t_safe.at[0].set(jnp.where(first_noise, 0.5 * (1.0 + t_safe[1]), ts[0]))
+    lams = schedule.lam(t_safe)
+    log_sigma = schedule.log_sigma(t_safe)
+    log_alpha = schedule.log_alpha(t_safe).astype(dtype)
+    # log sigma at the real first time (finite at alpha = 0, where sigma is largest)
+    log_sigma0 = schedule.log_sigma(ts[0]) if schedule.noise_start else log_sigma[0]
+    return _Grid(t_safe, lams, log_sigma, schedule.alpha(t_safe), log_alpha, jnp.exp(-lams), final_zero,
+                 first_noise, ts, log_sigma0)
 
 
 def multistep(
@@ -337,28 +408,35 @@ def multistep(
     *,
     key=None,
     return_trajectory: bool = False,
+    first_decay=None,
 ):
     """Run a predictor(-corrector) exponential Adams method as one ``lax.scan``.
 
     ``tau_sq`` [N] (or None for the ODE): stochasticity per step (data-prediction plans only). The
     model is called once per step (N calls for N steps): at t_k on the state predicted for t_k.
+    ``first_decay``: e^{-tau^2 h} of a first step from alpha = 0 (h = inf), where tau^2 alone does not
+    fix it (default: 0 where tau > 0 on that step, else 1; see the module doc).
     """
     dtype = x.dtype
     n_steps = len(plan.pred_order)
     noise_form = plan.prediction == "noise"
     if noise_form and tau_sq is not None:
         raise ValueError("noise-prediction plans integrate the ODE only (tau must be None)")
-    grid = _grid(ts, schedule, dtype)
+    grid = grid_values(ts, schedule, dtype)
     stochastic = tau_sq is not None
     tau_sq = jnp.zeros(n_steps, dtype) if tau_sq is None else jnp.asarray(tau_sq, dtype)
-    mult, wp, wc, noise_std = _tables(plan, schedule, grid, tau_sq)
+    mult, wp, wc, noise_std, w_raw = _tables(plan, schedule, grid, tau_sq, first_decay)
 
-    # The step into sigma = 0 returns the current data prediction X (= (x - sigma E) / alpha).
+    # The step into sigma = 0 returns the current data prediction X (= (x - sigma E) / alpha, or the
+    # model's own X where the plan keeps it: from alpha = 0 that quotient has no value).
     last = n_steps - 1
     is_last_zero = (jnp.arange(n_steps) == last) & grid.final_zero
     noise_std = jnp.where(is_last_zero, 0.0, noise_std)
     first = jnp.eye(wp.shape[1], dtype=dtype)[0]
-    if noise_form:
+    if w_raw is not None:
+        end_mult, end_w = 0.0, 0.0 * first
+        w_raw = jnp.where(is_last_zero, 1.0, w_raw)
+    elif noise_form:
         end_mult, end_w = jnp.exp(-grid.log_alpha[-2]), -grid.rho[-2] * first
     else:
         end_mult, end_w = 0.0, first
@@ -372,9 +450,13 @@ def multistep(
     # in place, without copies.
     hist_len = plan.history
     slots = hist_len + 1
-    xs = dict(t=grid.t[:-1], step=jnp.arange(n_steps), mult=mult, noise=noise_std, wp=wp[:, :hist_len])
-    if noise_form:  # the model's output is stored as E = (x - alpha X) / sigma
-        xs.update(alpha=grid.alpha[:-1], sigma=jnp.exp(grid.log_sigma[:-1]))
+    xs = dict(t=grid.t_real[:-1], step=jnp.arange(n_steps), mult=mult, noise=noise_std, wp=wp[:, :hist_len])
+    if noise_form:  # the model's output is stored as E = (x - alpha X) / sigma (alpha = 0 at a noise start)
+        alpha = grid.alpha.at[0].set(jnp.where(grid.first_noise, 0.0, grid.alpha[0]))
+        sigma = jnp.exp(grid.log_sigma.at[0].set(grid.log_sigma0))
+        xs.update(alpha=alpha[:-1], sigma=sigma[:-1])
+    if w_raw is not None:
+        xs["w_raw"] = w_raw
 
     # The corrector of step k is applied at the start of step k + 1, after the model call at t_{k+1}:
     # its nodes (the target, the current point, the past ones) are then of ages 0, 1, ..., H. Its
@@ -404,7 +486,7 @@ def multistep(
 
     def step(carry, s):
         x_eval, hist = carry
-        m = denoise(x_eval, s["t"]).astype(dtype)
+        m = raw = denoise(x_eval, s["t"]).astype(dtype)
         if noise_form:
             m = (x_eval - s["alpha"] * m) / s["sigma"]
         hist = jax.lax.dynamic_update_index_in_dim(hist, m, s["step"] % slots, 0)
@@ -413,6 +495,8 @@ def multistep(
         if stochastic:
             base = base + s["noise"] * normal(key, s["step"], x.shape, dtype)
         x_next = base + weighted(s["wp"], hist, s["step"], hist_len)
+        if w_raw is not None:
+            x_next = x_next + s["w_raw"] * raw
         return (x_next, hist), (x_cur if return_trajectory else None)
 
     init = (x, jnp.zeros((slots, *x.shape), dtype))

@@ -21,9 +21,11 @@ def ddim(denoise, x, ts, schedule, *, eta: float = 0.0, key=None, return_traject
     core.validate(x, ts, schedule, key=key, needs_key=eta > 0)
     n_steps = len(ts) - 1
     plan = core.Plan(pred_order=(1,) * n_steps, corr_order=(0,) * n_steps)
-    tau_sq = None
+    tau_sq = first_decay = None
     if eta > 0:
-        _, lams, _, _, _ = core.grid_values(ts, schedule, x.dtype)
+        lams = core.grid_values(ts, schedule, x.dtype).lam
         h = lams[1:] - lams[:-1]
         tau_sq = -jnp.log1p(eta**2 * jnp.expm1(-2.0 * h)) / (2.0 * h)
-    return core.multistep(denoise, x, ts, schedule, plan, tau_sq, key=key, return_trajectory=return_trajectory)
+        first_decay = (1.0 - eta**2) ** 0.5  # e^{-tau^2 h} of a first step from alpha = 0 (h = inf)
+    return core.multistep(denoise, x, ts, schedule, plan, tau_sq, key=key, return_trajectory=return_trajectory,
+                          first_decay=first_decay)

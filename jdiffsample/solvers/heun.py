@@ -8,7 +8,13 @@ Churn (``s_churn > 0``) raises the noise level of step i from s_i to s_i (1 + ga
 gamma_i = min(s_churn / N, sqrt(2) - 1) when s_tmin <= s_i <= s_tmax, adding fresh noise to match,
 then steps from there. It needs ``key``; the raised level must stay inside the schedule's domain.
 
-NFE: Euler N; Heun 2N, or 2N - 1 when the grid ends at sigma = 0 (the last step is then Euler).
+A grid may start at alpha = 0 (t = 1 on a flow), where s = inf: the first step is then taken in x as
+Euler's limit, x_1 = (sigma_1 / sigma_0) x_0 + alpha_1 D(x_0) (the first step of every other solver
+here; diffusers' ``FlowMatchEulerDiscreteScheduler`` takes the same step), without churn. Heun's
+trapezoid over an infinite step has no limit, so that step is an Euler step for Heun too.
+
+NFE: Euler N; Heun 2N, less one for each end of the grid where s is 0 (the last step, at sigma = 0)
+or infinite (the first, at alpha = 0): those steps are Euler steps.
 """
 
 from __future__ import annotations
@@ -36,9 +42,14 @@ def _edm_loop(
     dtype = x.dtype
     ts = jnp.asarray(ts, dtype)
     n_steps = ts.shape[0] - 1
-    # EDM noise levels; the final sigma = 0 of a VE grid stays exactly 0.
-    levels = schedule.edm_sigma(ts)
-    scale = schedule.alpha(ts)
+    # A first t = 1 (alpha = 0) has s = inf and x_hat = x / 0, a last t = 0 has s = 0 (lambda = inf):
+    # finite stand-ins take their places in these tables (so that no NaN reaches a gradient), the
+    # first step is taken in x (see ``first_from_noise``) and the last level is set to 0.
+    grid = core.grid_values(ts, schedule, dtype)
+    first_noise, t_safe = grid.first_noise, grid.t
+    levels = schedule.edm_sigma(t_safe)
+    levels = levels.at[-1].set(jnp.where(grid.final_zero, 0.0, levels[-1]))
+    scale = schedule.alpha(t_safe.at[-1].set(ts[-1]))
     gamma_max = min(s_churn / n_steps, math.sqrt(2.0) - 1.0)
 
     def d_of(x_hat, s, t):
@@ -60,22 +71,40 @@ def _edm_loop(
             x_next = x_hat + (s_next - s_cur) * 0.5 * (d + d_next)
         return x_next
 
+    def step_k(x_hat, i):
+        """Step ``i`` (static): into sigma = 0 the Heun correction is undefined, and EDM takes an Euler
+        step there (one model call)."""
+        if second_order and schedule.zero_end and i == n_steps - 1:
+            return jax.lax.cond(levels[-1] > 0, lambda y: step(y, i, True), lambda y: step(y, i, False), x_hat)
+        return step(x_hat, i, second_order)
+
+    def first_from_noise(x):
+        """The first step from s = inf, in x: Euler's limit x_1 = (sigma_1 / sigma_0) x_0 + alpha_1 D(x_0),
+        the exponential integrator's first step (Heun's trapezoid over an infinite step has no limit, so
+        it is an Euler step, one model call; and there is no churn above an infinite noise level)."""
+        x_1 = jnp.exp(schedule.log_sigma(ts[1]) - schedule.log_sigma(ts[0])).astype(dtype) * x
+        x_1 = x_1 + schedule.alpha(ts[1]).astype(dtype) * denoise(x, ts[0]).astype(dtype)
+        return x_1 / scale[1]
+
     def body(x_hat, i):
         x_next = step(x_hat, i, second_order)
         return x_next, (x_hat if return_trajectory else None)
 
     x_hat = x / scale[0]
-    x_hat, traj = jax.lax.scan(body, x_hat, jnp.arange(n_steps - 1))
-    last = n_steps - 1
-    if second_order and schedule.zero_end:
-        # Into sigma = 0 the Heun correction is undefined: EDM takes an Euler step (one model call).
-        x_end = jax.lax.cond(
-            levels[-1] > 0, lambda y: step(y, last, True), lambda y: step(y, last, False), x_hat
-        )
+    start = 0
+    if schedule.noise_start:  # step 0 here: from x at a noise start, from x_hat otherwise
+        x_hat = jax.lax.cond(first_noise, first_from_noise, lambda y: step_k(y / scale[0], 0), x)
+        start = 1
+    if start < n_steps:
+        x_hat, traj = jax.lax.scan(body, x_hat, jnp.arange(start, n_steps - 1))
+        x_end = step_k(x_hat, n_steps - 1)
+        hats = [traj, x_hat[None], x_end[None]] if return_trajectory else []
     else:
-        x_end = step(x_hat, last, second_order)
+        x_end = x_hat
+        hats = [x_end[None]]
     if return_trajectory:
-        return jnp.concatenate([traj, x_hat[None], x_end[None]]) * scale.reshape((-1,) + (1,) * x.ndim)
+        out = jnp.concatenate(hats) * scale[start:].reshape((-1,) + (1,) * x.ndim)
+        return jnp.concatenate([x[None], out]) if start else out
     return x_end * scale[-1]
 
 

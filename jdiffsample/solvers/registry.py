@@ -129,7 +129,7 @@ class Solver:
     order_rule: Any                # int or options -> int: nominal (predictor) order, for the optimized grid
     needs_key_rule: Any            # bool or options -> bool
     calls_per_step: int = 1
-    final_zero_calls: int | None = None  # calls of a last step into sigma = 0 (VE), if fewer
+    final_zero_calls: int | None = None  # calls of a last step into sigma = 0 or a first from alpha = 0, if fewer
     ode_options: tuple = ()        # options that make a stochastic solver deterministic
     doc: str = ""
 
@@ -169,26 +169,32 @@ class Solver:
         """``options`` with the stochasticity switched off (for learning grids, references)."""
         return self.resolve({**dict(options or {}), **dict(self.ode_options)})
 
-    def nfe(self, n_steps: int, final_zero: bool = False) -> int:
-        """Model calls for a grid of ``n_steps`` steps (ending at sigma = 0 with ``final_zero``)."""
-        last = self.final_zero_calls if (final_zero and self.final_zero_calls is not None) else self.calls_per_step
-        return self.calls_per_step * (n_steps - 1) + last
+    def nfe(self, n_steps: int, final_zero: bool = False, first_noise: bool = False) -> int:
+        """Model calls for a grid of ``n_steps`` steps (ending at sigma = 0 with ``final_zero``, starting
+        at alpha = 0, t = 1 on a flow, with ``first_noise``: steps that may cost fewer calls)."""
+        ends = int(bool(final_zero)) + int(bool(first_noise))
+        if self.final_zero_calls is None or ends == 0:
+            return self.calls_per_step * n_steps
+        ends = min(ends, n_steps)
+        return self.calls_per_step * (n_steps - ends) + self.final_zero_calls * ends
 
-    def steps_for_nfe(self, nfe: int, *, zero_end: bool) -> tuple[int, bool]:
+    def steps_for_nfe(self, nfe: int, *, zero_end: bool, first_noise: bool = False) -> tuple[int, bool]:
         """``(n_steps, final_zero)``: the grid that costs exactly ``nfe`` model calls.
 
         ``final_zero``: the grid ends with an extra step into sigma = 0 (schedules with
         ``zero_end`` only), which is how an NFE that is not a multiple of the calls per step is
-        reached (EDM's Heun with an odd NFE). ``ValueError`` when no grid costs ``nfe``.
+        reached (EDM's Heun with an odd NFE). ``first_noise``: the grid starts at alpha = 0 (t = 1 on
+        a flow), whose step may cost fewer calls too. ``ValueError`` when no grid costs ``nfe``.
         """
         if isinstance(nfe, (bool, np.bool_)) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
             raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-        per = self.calls_per_step
-        if nfe % per == 0:
-            return int(nfe) // per, False
-        last = self.final_zero_calls
-        if last is not None and zero_end and nfe >= last and (nfe - last) % per == 0:
-            return (int(nfe) - last) // per + 1, True
+        per, last = self.calls_per_step, self.final_zero_calls
+        for final_zero in (False, True) if zero_end else (False,):
+            n = 1
+            while self.nfe(n, final_zero, first_noise) < nfe:
+                n += 1
+            if self.nfe(n, final_zero, first_noise) == nfe:
+                return n, final_zero
         hint = (f"; or {per} k + {last} on a schedule that can end at sigma = 0" if last is not None else "")
         raise ValueError(f"{self.name} makes {per} model calls per step: nfe must be a multiple of {per}{hint}, got {nfe}")
 
@@ -204,7 +210,8 @@ def register(name: str, fn: Callable | None = None, *, options=(), label=None, o
     trajectory. ``options``: :class:`Option` records for its keyword options (defaults from its
     signature; every keyword but ``key``/``return_trajectory`` must be declared). ``label``,
     ``order`` and ``needs_key``: a value or a function of the resolved options. ``calls_per_step``:
-    model calls per step; ``final_zero_calls``: calls of a last step into sigma = 0 when fewer.
+    model calls per step; ``final_zero_calls``: calls of a last step into sigma = 0 (or a first step from
+    alpha = 0) when fewer.
     ``ode_options``: options that make a stochastic solver deterministic.
 
     Returns ``fn`` wrapped so that its options are checked (``ValueError``) on every call.

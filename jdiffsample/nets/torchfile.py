@@ -22,6 +22,8 @@ Public functions:
   holding a state dict, optionally wrapped (``key='state_dict'``, ``key='ema'``...).
 * :func:`load_edm_pickle` -- an NVlabs/edm ``network-snapshot-*.pkl`` / ``edm-*.pkl``:
   returns ``(class_name, init_kwargs, state_dict)``.
+* :func:`load_pickle` -- any other plain pickle of containers and NumPy arrays (EDM2's reference
+  statistics).
 
 Damaged files raise :class:`CheckpointFormatError` with a message naming the problem.
 """
@@ -51,6 +53,7 @@ __all__ = [
     "load_state_dict",
     "check_tensors",
     "load_edm_pickle",
+    "load_pickle",
     "check_edm_class",
     "file_kind",
     "json_value",
@@ -318,6 +321,15 @@ def _numpy_reconstruct(subtype, shape, dtype):
     return np.ndarray.__new__(np.ndarray, shape, dtype)
 
 
+def _numpy_frombuffer(buffer, dtype, shape, order):
+    """Stand-in for ``numpy._core.numeric._frombuffer`` (pickle protocol 5): plain dtypes only."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafeCheckpointError(f"numpy array of dtype {dtype!r} (object dtypes refused)")
+    if not isinstance(buffer, (bytes, bytearray)) or order not in ("C", "F"):
+        raise CheckpointFormatError(f"malformed numpy array buffer ({type(buffer).__name__}, order {order!r})")
+    return np.frombuffer(buffer, dtype).reshape(shape, order=order)
+
+
 def _device(*args):
     """Stand-in for ``torch.device``: the device string."""
     return ":".join(str(a) for a in args)
@@ -363,6 +375,7 @@ def _allowed_globals() -> dict[str, Any]:
     for core in ("numpy.core", "numpy._core"):
         allowed[f"{core}.multiarray.scalar"] = _numpy_scalar
         allowed[f"{core}.multiarray._reconstruct"] = _numpy_reconstruct
+        allowed[f"{core}.numeric._frombuffer"] = _numpy_frombuffer
     for name, dtype in _STORAGE_DTYPES.items():
         allowed[f"torch.{name}"] = _StorageType(name, dtype)
         allowed[f"torch.cuda.{name}"] = _StorageType(name, dtype)
@@ -766,6 +779,17 @@ def load_state_dict(path, key: str | tuple | list | None = None, *, copy: bool =
     if copy:
         sd = {k: np.array(v, order="C") for k, v in sd.items()}
     return sd
+
+
+def load_pickle(path):
+    """A plain pickle of containers, strings, numbers and NumPy arrays (e.g. EDM2's reference
+    statistics ``{metric: {'mu': ..., 'sigma': ...}}``), unpickled with :class:`SafeUnpickler`:
+    nothing from the file is executed; anything else raises :class:`UnsafeCheckpointError`."""
+    where = str(path)
+    if file_kind(path) in ("zip", "legacy"):
+        raise CheckpointFormatError(f"{where}: a torch.save file, not a plain pickle")
+    with open(path, "rb") as f:
+        return _safe_load(f, where)
 
 
 # Constructor signatures of the supported NVlabs/edm preconditioners: positional parameter

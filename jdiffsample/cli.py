@@ -16,7 +16,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("sample", "steps", "eval", "convert")
+COMMANDS = ("sample", "steps", "eval", "convert", "fid")
 CACHE_ENV = "JDIFFSAMPLE_COMPILATION_CACHE"
 
 

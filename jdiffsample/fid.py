@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 import pickle
 from pathlib import Path
@@ -92,28 +93,47 @@ def _unit(images):
     return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
+def _inception_features(module, params, images):
+    return module.apply({"params": params}, _unit(images))
+
+
+def _dinov2_features(module, params, images):
+    size = (DINOV2_RESOLUTION, DINOV2_RESOLUTION)
+    x = resize.resize_bicubic(_pixels(images), size, antialias=True) / 255.0
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    return module.apply({"params": params}, (x - mean) / std)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn: Callable, platform: str):
+    """One jitted ``fn(module, params, images)`` per process (the module static): every network
+    object of the same architecture shares its compiled programs."""
+    return jax.jit(fn, static_argnums=0, compiler_options=xla_options.compile_options(jax.devices(platform)))
+
+
 class Network:
     """A feature network: ``network(images) -> features [N, dim]`` (float64 NumPy).
 
-    ``apply(params, images) -> features`` is traced once per image shape and batch size; the
-    weights are an argument (replicated on every local device), the batch is split over them.
-    A call pads its batches to one size: ``batch_size`` (a multiple of the device count), or for
-    fewer images the next power of two (at least 8), so that few programs serve every call.
+    ``features(module, params, images)`` is compiled once per architecture, image shape and batch
+    size (shared by every object); the weights are an argument, replicated on every local device,
+    and each batch is split over the devices. A call pads its batches to one size: ``batch_size`` (a
+    multiple of the device count), or for fewer images the next power of two (at least 8), so that
+    few programs serve every call.
     """
 
     metric = ""
     name = "feature network"
 
-    def __init__(self, apply: Callable, params, dim: int, batch_size: int):
+    def __init__(self, features: Callable, module, params, dim: int, batch_size: int):
         devices = jax.local_devices()
         self.devices = len(devices)
         self.dim = int(dim)
         self.batch_size = -(-max(int(batch_size), 1) // self.devices) * self.devices
         mesh = Mesh(np.array(devices), ("batch",))
-        replicated, self._batch = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
-        self._params = jax.device_put(params, replicated)
-        self._apply = jax.jit(apply, in_shardings=(replicated, self._batch), out_shardings=self._batch,
-                              compiler_options=xla_options.compile_options(devices))
+        self._batch = NamedSharding(mesh, PartitionSpec("batch"))
+        self._params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+        self._module = module
+        self._apply = _jitted(features, devices[0].platform)
 
     def _check(self, images) -> np.ndarray:
         images = np.asarray(images)
@@ -135,7 +155,7 @@ class Network:
         n = len(batch)
         if n < step:
             batch = np.concatenate([batch, np.zeros((step - n, *batch.shape[1:]), batch.dtype)])
-        return self._apply(self._params, jax.device_put(batch, self._batch))
+        return self._apply(self._module, self._params, jax.device_put(batch, self._batch))
 
     def __call__(self, images, batch_size: int | None = None) -> np.ndarray:
         """Features of ``images``; ``batch_size`` is ignored (set at construction)."""
@@ -156,8 +176,7 @@ class Inception(Network):
     def __init__(self, params, batch_size: int = 50):
         from jdiffsample.nets import inception  # Flax modules: imported with the network they build
 
-        module = inception.InceptionV3()
-        super().__init__(lambda p, x: module.apply({"params": p}, _unit(x)), params, inception.DIM, batch_size)
+        super().__init__(_inception_features, inception.InceptionV3(), params, inception.DIM, batch_size)
 
 
 class DINOv2(Network):
@@ -166,14 +185,7 @@ class DINOv2(Network):
     metric, name = "fd_dinov2", "DINOv2"
 
     def __init__(self, module, params, batch_size: int = 64):
-        mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-        size = (DINOV2_RESOLUTION, DINOV2_RESOLUTION)
-
-        def apply(p, images):
-            x = resize.resize_bicubic(_pixels(images), size, antialias=True) / 255.0
-            return module.apply({"params": p}, (x - mean) / std)
-
-        super().__init__(apply, params, module.embed_dim, batch_size)
+        super().__init__(_dinov2_features, module, params, module.embed_dim, batch_size)
         self.name = f"DINOv2 ViT/14 ({module.embed_dim} wide, {module.depth} deep)"
 
 

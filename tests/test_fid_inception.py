@@ -171,3 +171,29 @@ def test_eval_reports_fid(networks, tmp_path):
     assert np.isfinite(float(row["fid"])) and float(row["fid"]) > 0
     assert "FID, pytorch-fid's InceptionV3" in (out / "results.md").read_text()
     assert cli.main([*argv[:-2], "--fid-ref", str(tmp_path / "absent.npz")]) == 2
+
+
+def test_command_fid_equals_pytorch_fid(networks, tmp_path, capsys):
+    """``jdiffsample fid`` on PNG folders with the Inception weights file: pytorch-fid's own
+    pipeline (its PNG loader, network and Frechet distance) on the same files gives the same FID."""
+    import json
+
+    from pytorch_fid import fid_score
+
+    from jdiffsample import cli
+    from jdiffsample.pipeline.images import write_png
+
+    reference, _, path = networks
+    rng = np.random.default_rng(11)
+    folders = [tmp_path / "samples", tmp_path / "data"]
+    for k, folder in enumerate(folders):
+        folder.mkdir()
+        images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8) // (1 + 2 * k)  # the data darker
+        for i, image in enumerate(images):
+            write_png(folder / f"{i:03d}.png", image)
+    stats = [fid_score.compute_statistics_of_path(str(f), reference, 4, 2048, "cpu", num_workers=0) for f in folders]
+    expected = fid_score.calculate_frechet_distance(*stats[0], *stats[1])
+    assert cli.main(["fid", str(folders[0]), "--ref", str(folders[1]), "--inception", str(path), "--batch", "4",
+                     "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["fid"] == pytest.approx(expected, rel=1e-3) and got["num_images"] == 6

@@ -377,12 +377,27 @@ class Reference:
         """The metrics it has statistics for (images: ``("fid",)``, the default)."""
         return tuple(m for m in METRICS if m in self.stats) or ("fid",)
 
-    def check(self, metrics) -> None:
-        """``ValueError`` unless statistics of every metric in ``metrics`` are here or computable."""
+    def check(self, metrics, networks: dict | None = None) -> None:
+        """``ValueError`` unless statistics of every metric in ``metrics`` are here or computable,
+        and (given the ``networks``) stored statistics have as many features as the network gives."""
         missing = [m for m in metrics if m not in self.stats]
         if missing and self.images is None:
             raise ValueError(f"{self.where} holds statistics of {', '.join(self.stats)} only, not of "
                              f"{', '.join(missing)} (and no images to compute them from)")
+        for metric, network in (networks or {}).items():
+            if metric in self.stats and self.stats[metric][0].shape[0] != network.dim:
+                raise ValueError(f"{self.where}: its {metric} statistics are of {self.stats[metric][0].shape[0]} "
+                                 f"features, {network.name} gives {network.dim}")
+
+    def stats_for(self, networks: dict, batch_size: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> dict:
+        """``{metric: (mu, sigma)}`` for every metric of ``networks``: read from the file, or
+        computed from the reference images in one pass (``ValueError`` when neither is possible, or
+        when stored statistics are of another number of features than the network gives)."""
+        self.check(networks, networks)
+        todo = {m: net for m, net in networks.items() if m not in self.stats}
+        computed = image_stats(self.images, todo, batch_size, progress) if todo else {}
+        return {m: self.stats[m] if m in self.stats else computed[m] for m in networks}
 
 
 def stats_format(path) -> str:

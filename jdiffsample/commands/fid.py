@@ -85,28 +85,24 @@ def run(args) -> int:
     images = imagesets.open_images(args.path, args.num)
     weights = {"fid": args.inception, "fd_dinov2": args.dinov2}
     networks = {m: fid.load_network(m, weights[m], batch_size=args.batch) for m in metrics}
-    for m in metrics:
-        if ref is not None and m in ref.stats and ref.stats[m][0].shape[0] != networks[m].dim:
-            raise ValueError(f"{ref.where}: its {m} statistics are of {ref.stats[m][0].shape[0]} features, "
-                             f"{networks[m].name} gives {networks[m].dim}")
+    if ref is not None:
+        ref.check(metrics, networks)
 
-    def stats_of(image_set, nets, what):
+    def progress(image_set, what):
         bar = Progress(image_set.count, sys.stderr, f"fid: {what} ") if image_set.count >= _LONG_RUN else None
-        return fid.image_stats(image_set, nets, args.batch, bar.update if bar else None)
+        return bar.update if bar else None
 
-    stats = stats_of(images, networks, "images")
+    stats = fid.image_stats(images, networks, args.batch, progress(images, "images"))
     if args.save_stats:
         fid.write_stats(args.save_stats, stats, images.count, save_format)
     if ref is None:
         return 0
-    ref_stats = dict(ref.stats)
-    todo = {m: networks[m] for m in metrics if m not in ref_stats}
-    if todo:
-        ref_stats.update(stats_of(ref.images, todo, "reference"))
+    computed = ref.images is not None and any(m not in ref.stats for m in metrics)
+    ref_stats = ref.stats_for(networks, args.batch, progress(ref.images, "reference") if computed else None)
     values = {m: fid.frechet(stats[m], ref_stats[m]) for m in metrics}
     if args.json:
         print(json.dumps({**values, "num_images": images.count, "path": str(args.path), "ref": str(args.ref),
-                          "ref_num_images": ref.images.count if todo else ref.num_images}))
+                          "ref_num_images": ref.images.count if computed else ref.num_images}))
     else:
         for m, value in values.items():
             print(f"{m} {value:.6g}")

@@ -275,12 +275,13 @@ def _shown(shape) -> tuple:
 
 
 def _png_set(folder: Path) -> ImageSet:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() == ".png" and p.is_file())
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", *_OTHER_IMAGES) and p.is_file())
+    files = [p for p in found if p.suffix.lower() == ".png"]
+    others = [p for p in found if p.suffix.lower() != ".png"]
+    if others:
+        raise ValueError(f"{folder}: {len(others)} {others[0].suffix} image{'s' * (len(others) > 1)} (e.g. "
+                         f"{others[0].relative_to(folder)}); only PNG files are read (or pass an .npz with arr_0)")
     if not files:
-        others = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _OTHER_IMAGES)
-        if others:
-            raise ValueError(f"{folder}: {len(others)} {others[0].suffix} images but no PNG files; only PNG "
-                             f"folders are read (or pass an .npz with arr_0)")
         raise ValueError(f"{folder} has no PNG files and no manifest.json (neither an image folder nor a run folder)")
     shape = png_info(files[0])
     for path in files[1:]:

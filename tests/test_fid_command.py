@@ -123,6 +123,9 @@ def test_image_sets(tmp_path):
     np.testing.assert_array_equal(imagesets.open_images(tmp_path / "rgba.npz").array(), images)
     np.savez(tmp_path / "grey.npz", arr_0=images[..., 0])
     assert imagesets.open_images(tmp_path / "grey.npz").shape == (5, 7, 1)
+    (tmp_path / "pngs" / "000001" / "stray.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"1 .jpg image \(e.g. 000001/stray.jpg\); only PNG files are read"):
+        imagesets.open_images(tmp_path / "pngs")
 
 
 # ---------------------------------------------------------------------------------------------

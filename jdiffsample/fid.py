@@ -132,8 +132,7 @@ class Network:
         mesh = Mesh(np.array(devices), ("batch",))
         self._batch = NamedSharding(mesh, PartitionSpec("batch"))
         self._params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-        self._module = module
-        self._apply = _jitted(features, devices[0].platform)
+        self._module, self._features, self._platform = module, features, devices[0].platform
 
     def _check(self, images) -> np.ndarray:
         images = np.asarray(images)
@@ -155,7 +154,8 @@ class Network:
         n = len(batch)
         if n < step:
             batch = np.concatenate([batch, np.zeros((step - n, *batch.shape[1:]), batch.dtype)])
-        return self._apply(self._module, self._params, jax.device_put(batch, self._batch))
+        apply = _jitted(self._features, self._platform)  # built on first use: loading compiles nothing
+        return apply(self._module, self._params, jax.device_put(batch, self._batch))
 
     def __call__(self, images, batch_size: int | None = None) -> np.ndarray:
         """Features of ``images``; ``batch_size`` is ignored (set at construction)."""

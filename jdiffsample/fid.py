@@ -59,6 +59,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jdiffsample import imagesets, resize, xla_options
 from jdiffsample.metrics import feature_stats, frechet_distance
+from jdiffsample.nets import torchfile
 
 __all__ = ["METRICS", "WEIGHT_FILES", "WEIGHT_URLS", "Network", "Inception", "DINOv2", "load_inception",
            "load_dinov2", "load_network", "Extractor", "save_extractor", "load_extractor", "compute_stats",
@@ -174,7 +175,7 @@ class Inception(Network):
     metric, name = "fid", "pytorch-fid's InceptionV3"
 
     def __init__(self, params, batch_size: int = 50):
-        from jdiffsample.nets import inception  # Flax modules: imported with the network they build
+        from jdiffsample.nets import inception  # start-up time: Flax, only with a network
 
         super().__init__(_inception_features, inception.InceptionV3(), params, inception.DIM, batch_size)
 
@@ -200,7 +201,7 @@ def _weights_file(metric: str, path) -> Path:
 def load_inception(path, batch_size: int = 50) -> Inception:
     """:class:`Inception` with the weights of pytorch-fid's ``pt_inception-2015-12-05`` file (or
     any PyTorch state dict of the same network). Raises ``ValueError`` naming what does not fit."""
-    from jdiffsample.nets import inception  # Flax modules: imported with the network they build
+    from jdiffsample.nets import inception  # start-up time: Flax, only with a network
 
     return Inception(inception.load_params(_weights_file("fid", path)), batch_size)
 
@@ -208,7 +209,7 @@ def load_inception(path, batch_size: int = 50) -> Inception:
 def load_dinov2(path, batch_size: int = 64, num_heads: int | None = None) -> DINOv2:
     """:class:`DINOv2` from a released ``dinov2_vit*14_pretrain.pth`` (its size from the tensors'
     shapes; ``num_heads`` defaults to width / 64, as released). ``ValueError`` names what does not fit."""
-    from jdiffsample.nets import dinov2  # Flax modules: imported with the network they build
+    from jdiffsample.nets import dinov2  # start-up time: Flax, only with a network
 
     module, params = dinov2.load_params(_weights_file("fd_dinov2", path), num_heads=num_heads)
     return DINOv2(module, params, batch_size)
@@ -327,8 +328,6 @@ def _checked(where: str, metric: str, mu, sigma) -> tuple[np.ndarray, np.ndarray
 
 
 def _read_pkl(path: Path) -> tuple[dict, int | None]:
-    from jdiffsample.nets import torchfile  # the restricted unpickler
-
     data = torchfile.load_pickle(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: holds a {type(data).__name__}, not EDM2's statistics dict {{metric: {{mu, sigma}}}}")

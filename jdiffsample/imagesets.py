@@ -6,7 +6,7 @@
 * a **folder of PNG files**, searched recursively (EDM's ``generate.py`` writes ``000000/000123.png``),
   in sorted path order;
 * an **``.npz`` file** whose ``arr_0`` is uint8 ``[N, H, W, C]`` (ADM's sample and reference batches,
-  ``jdiffsample sample --export-npz``);
+  ``jdiffsample sample --export PATH.npz``);
 * or an array already in memory.
 
 Everything that can be wrong is found when the set is opened, before anything is computed: fewer
@@ -44,7 +44,7 @@ _OTHER_IMAGES = (".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 def run_shards(folder) -> list[Path]:
     """The shard files of a finished ``jdiffsample sample`` run (the one place that asks the
     pipeline about its output layout)."""
-    from jdiffsample.pipeline import output  # the run layout; imported only for run folders
+    from jdiffsample.pipeline import output  # start-up time: the pipeline package loads the samplers
 
     folder = Path(folder)
     return [folder / shard["file"] for shard in output.finished_shards(folder)]

@@ -171,3 +171,40 @@ def test_eval_reports_fid(networks, tmp_path):
     assert np.isfinite(float(row["fid"])) and float(row["fid"]) > 0
     assert "FID, pytorch-fid's InceptionV3" in (out / "results.md").read_text()
     assert cli.main([*argv[:-2], "--fid-ref", str(tmp_path / "absent.npz")]) == 2
+
+
+def test_command_fid_equals_pytorch_fid(networks, tmp_path, capsys):
+    """``jdiffsample fid`` on PNG folders with the Inception weights file: its statistics are those
+    of pytorch-fid's pipeline (its PNG loader and network) on the same files, and its FID is the
+    Frechet distance of those features. With n < 2048 images the trace term is exact and cheap from
+    the features: tr sqrt(S1 S2) is the nuclear norm of A1 A2^T / (n - 1), A the centred features
+    (pytorch-fid's sqrtm of 2048x2048 matrices would take longer than the rest of this test)."""
+    import json
+
+    from pytorch_fid import fid_score
+
+    from jdiffsample import cli
+    from jdiffsample.pipeline.images import write_png
+
+    reference, _, path = networks
+    rng = np.random.default_rng(11)
+    folders = [tmp_path / "samples", tmp_path / "data"]
+    for k, folder in enumerate(folders):
+        folder.mkdir()
+        images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) // (1 + 2 * k)  # the data darker
+        for i, image in enumerate(images):
+            write_png(folder / f"{i:03d}.png", image)
+    feats = [fid_score.get_activations(sorted(f.glob("*.png")), reference, 4, 2048, "cpu", num_workers=0)
+             for f in folders]
+    (a1, a2), (m1, m2) = [f - f.mean(0) for f in feats], [f.mean(0) for f in feats]
+    n = len(a1)
+    expected = (np.sum((m1 - m2) ** 2) + (np.sum(a1 ** 2) + np.sum(a2 ** 2)) / (n - 1)
+                - 2 * np.linalg.svd(a1 @ a2.T / (n - 1), compute_uv=False).sum())
+    assert cli.main(["fid", str(folders[0]), "--ref", str(folders[1]), "--inception", str(path), "--batch", "4",
+                     "--json", "--save-stats", str(tmp_path / "samples.npz")]) == 0
+    got = json.loads(capsys.readouterr().out)
+    with np.load(tmp_path / "samples.npz") as saved:
+        for ours, theirs in zip((saved["mu"], saved["sigma"]), (m1, np.cov(feats[0], rowvar=False))):
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-4 * np.abs(theirs).max())
+    assert got["num_images"] == 4 and expected > 1
+    assert got["fid"] == pytest.approx(expected, rel=1e-3)

@@ -22,6 +22,8 @@ Public functions:
   holding a state dict, optionally wrapped (``key='state_dict'``, ``key='ema'``...).
 * :func:`load_edm_pickle` -- an NVlabs/edm ``network-snapshot-*.pkl`` / ``edm-*.pkl``:
   returns ``(class_name, init_kwargs, state_dict)``.
+* :func:`load_pickle` -- any other plain pickle of containers and NumPy arrays (EDM2's reference
+  statistics).
 
 Damaged files raise :class:`CheckpointFormatError` with a message naming the problem.
 """
@@ -51,6 +53,7 @@ __all__ = [
     "load_state_dict",
     "check_tensors",
     "load_edm_pickle",
+    "load_pickle",
     "check_edm_class",
     "file_kind",
     "read_pickle",
@@ -319,6 +322,17 @@ def _load_any(f, *, where: str, depth: int = 0, memory=None, use_mmap: bool = Tr
 
 # ---------------------------------------------------------------------------------------------
 # public API
+
+
+def load_pickle(path):
+    """A plain pickle of containers, strings, numbers and NumPy arrays (e.g. EDM2's reference
+    statistics ``{metric: {'mu': ..., 'sigma': ...}}``), unpickled with :class:`SafeUnpickler`:
+    nothing from the file is executed; anything else raises :class:`UnsafeCheckpointError`."""
+    where = str(path)
+    if file_kind(path) in ("zip", "legacy"):
+        raise CheckpointFormatError(f"{where}: a torch.save file, not a plain pickle")
+    with open(path, "rb") as f:
+        return read_pickle(f, where)
 
 
 def read_pickle(f, where: str = "pickle"):

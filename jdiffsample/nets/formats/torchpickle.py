@@ -288,6 +288,15 @@ def _numpy_reconstruct(subtype, shape, dtype):
     return np.ndarray.__new__(np.ndarray, shape, dtype)
 
 
+def _numpy_frombuffer(buffer, dtype, shape, order):
+    """Stand-in for ``numpy._core.numeric._frombuffer`` (pickle protocol 5): plain dtypes only."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafeCheckpointError(f"numpy array of dtype {dtype!r} (object dtypes refused)")
+    if not isinstance(buffer, (bytes, bytearray)) or order not in ("C", "F"):
+        raise CheckpointFormatError(f"malformed numpy array buffer ({type(buffer).__name__}, order {order!r})")
+    return np.frombuffer(buffer, dtype).reshape(shape, order=order)
+
+
 def _device(*args):
     """Stand-in for ``torch.device``: the device string."""
     return ":".join(str(a) for a in args)
@@ -333,6 +342,7 @@ def _allowed_globals() -> dict[str, Any]:
     for core in ("numpy.core", "numpy._core"):
         allowed[f"{core}.multiarray.scalar"] = _numpy_scalar
         allowed[f"{core}.multiarray._reconstruct"] = _numpy_reconstruct
+        allowed[f"{core}.numeric._frombuffer"] = _numpy_frombuffer
     for name, dtype in _STORAGE_DTYPES.items():
         allowed[f"torch.{name}"] = _StorageType(name, dtype)
         allowed[f"torch.cuda.{name}"] = _StorageType(name, dtype)

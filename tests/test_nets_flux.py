@@ -131,7 +131,7 @@ def test_shift_and_times_match_the_scheduler(steps, tokens):
                                     cfg.max_shift) == pytest.approx(mu, rel=1e-12)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
         schedule = flux.schedule(flux.schedule_info(dict(cfg)), tokens)
-        ours = np.asarray(schedule.sigma(jnp.asarray(flux.flow_times(steps), jnp.float32)))
+        ours = np.asarray(schedule.sigma(jnp.asarray(np.append(np.linspace(1.0, 1 / steps, steps), 0.0), jnp.float32)))
         np.testing.assert_allclose(ours, scheduler.sigmas.numpy(), rtol=2e-6, atol=1e-7)
 
 
@@ -161,7 +161,7 @@ def test_fixture_images(converted):
 
     @jax.jit
     def run(variables, x):
-        ts = jnp.asarray(flux.flow_times(steps), jnp.float32)
+        ts = jnp.asarray(flux.diffusers_grid(model, steps, height, width), jnp.float32)
         for t, t_next in zip(ts[:-1], ts[1:]):
             x0 = fam.sampling.denoise(model.module, variables, x, t, None, schedule, **cond)
             x = x0 + schedule.sigma(t_next) / schedule.sigma(t) * (x - x0)  # Euler on the velocity

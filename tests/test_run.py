@@ -107,7 +107,8 @@ def test_bad_mesh(argv, message, tmp_path, capsys):
 
 
 MESH_SCRIPT = textwrap.dedent("""
-    import json, sys, jax, numpy as np
+    import json, sys, warnings, jax, numpy as np
+    warnings.filterwarnings("ignore", message=".*truncated.*")
     from jdiffsample import pipeline
     assert jax.device_count() == 8
     out = {}
@@ -127,17 +128,21 @@ MESH_SCRIPT = textwrap.dedent("""
 
 
 def test_weights_split_over_four_devices_give_the_same_images(tmp_path):
-    """DiT, EDM2 and the SD UNet at model-parallel 4 on 8 CPU devices: the images of model-parallel 1
-    (within 2/255) with at most 0.3 of the weights' bytes on each device."""
+    """DiT, EDM2, the SD UNet, FLUX.1 and SD3 at model-parallel 4 on 8 CPU devices: the images of
+    model-parallel 1 (within 2/255) with at most 0.3 of the weights' bytes on each device."""
     assert cli.main(["convert", "vae", str(fixture_dir("vae_tiny")), str(tmp_path / "vae")]) == 0
     for family, name, extra in (("dit", "dit_tiny", ["--vae", str(tmp_path / "vae")]), ("edm2", "edm2_tiny", [])):
         folder = fixture_dir(name)
         assert cli.main(["convert", family, str(folder / "state_dict.pt"), str(tmp_path / family), "--config",
                          str(folder / "config.json"), *extra]) == 0
-    assert cli.main(["convert", "sd", str(fixture_dir("sd_tiny")), str(tmp_path / "sd")]) == 0
+    for family, name in (("sd", "sd_tiny"), ("flux", "flux_tiny"), ("sd3", "sd3_tiny")):
+        assert cli.main(["convert", family, str(fixture_dir(name)), str(tmp_path / family)]) == 0
+    text = dict(prompts=["a red cat"], negative_prompts=["blurry"], max_sequence_length=8)
     cases = [("dit", str(tmp_path / "dit"), dict(class_labels=3, guidance=2.0)),
              ("edm2", str(tmp_path / "edm2"), dict(class_labels=3)),
-             ("sd", str(tmp_path / "sd"), dict(prompts=["a red cat"], guidance=3.0, negative_prompts=["blurry"]))]
+             ("sd", str(tmp_path / "sd"), dict(prompts=["a red cat"], guidance=3.0, negative_prompts=["blurry"])),
+             ("flux", str(tmp_path / "flux"), dict(text, true_cfg=2.0, height=32, width=32)),
+             ("sd3", str(tmp_path / "sd3"), dict(text, guidance=4.0, height=16, width=16))]
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
                           timeout=900, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -93,7 +93,7 @@ def test_images_match_the_pipeline(fixture_model):
     length = int(io["max_sequence_length"])
     cond = encode(model, dst, list(io["prompts"]), length)
     uncond = sd3.encode_prompts(model, dst, list(io["negative_prompts"]), 16, 16, max_sequence_length=length)
-    ts = sd3.diffusers_times(json.loads(model.schedule_json), int(io["steps"]))
+    ts = sd3.diffusers_grid(model, int(io["steps"]))
     assert model.schedule.shift == 3.0 and ts[0] == 1.0 and ts[-1] == 0.0
     images = euler(model, cond, uncond, io["noise_nchw"], ts, float(io["guidance"]))
     assert np.abs(images - io["images"]).max() <= PIXELS
@@ -101,7 +101,7 @@ def test_images_match_the_pipeline(fixture_model):
 
 @pytest.mark.parametrize("n_steps", [1, 6, 28])
 def test_grid_is_the_schedulers(fixture_model, n_steps):
-    """``diffusers_times`` under the folder's shifted schedule gives FlowMatchEulerDiscreteScheduler's sigmas
+    """``diffusers_grid`` under the folder's shifted schedule gives FlowMatchEulerDiscreteScheduler's sigmas
     (and timesteps = 1000 sigma, the transformer's input)."""
     require("diffusers")
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -109,7 +109,7 @@ def test_grid_is_the_schedulers(fixture_model, n_steps):
     _, model, _ = fixture_model
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(fixture_dir("sd3_tiny") / "scheduler")
     scheduler.set_timesteps(n_steps)
-    ts = sd3.diffusers_times(json.loads(model.schedule_json), n_steps)
+    ts = sd3.diffusers_grid(model, n_steps)
     sigmas = np.asarray(model.schedule.sigma(jnp.asarray(ts, jnp.float32)))
     np.testing.assert_allclose(sigmas, scheduler.sigmas.numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(1000 * sigmas[:-1], scheduler.timesteps.numpy(), rtol=1e-6)
@@ -167,7 +167,7 @@ def test_sd35_medium_images_match_the_pipeline(medium_folder, tmp_path):
     assert model.module.transformer.dual_attention_layers == (0, 1)
     cond = sd3.encode_prompts(model, dst, ref["prompts"], 16, 16, max_sequence_length=16)
     uncond = sd3.encode_prompts(model, dst, ref["negative"], 16, 16, max_sequence_length=16)
-    ts = sd3.diffusers_times(json.loads(model.schedule_json), 5)
+    ts = sd3.diffusers_grid(model, 5)
     steps = sd3.skip_layer_steps(5, SLG["skip_layer_guidance_start"], SLG["skip_layer_guidance_stop"])
     assert steps.tolist() == [False, True, True, False, False]
     slg = euler(model, cond, uncond, ref["noise"], ts, 4.5, (SLG["skip_guidance_layers"], 2.8, steps))

@@ -76,10 +76,13 @@ class Sampling:
       encode_prompts: text-conditional families: ``(model, folder, prompts, height, width, **options)
         -> {name: [P, ...]}``, the conditioning arrays of each prompt.
       sample_shape_at: families that sample any size: ``(module, height, width) -> (h, w, c)``
-        (``ValueError`` for a size the network cannot take).
+        (``ValueError`` for a size the network cannot take); ``pixels_per_latent``: ``module -> int``,
+        the image pixels per sample pixel along each side (the VAE's factor), which makes the default
+        image size of ``sample_shape``.
       prediction: ``module -> 'epsilon' | 'v_prediction' | 'sample'``: the network's output type, the
         space in which guidance rescale measures standard deviations.
-      grids: time grids of the family's own, ``{name: (model, n_steps) -> N + 1 times}``.
+      grids: time grids of the family's own, ``{name: (model, n_steps, height, width) -> N + 1 times}``
+        (``height``/``width``: the image size, None for families that sample one size).
       skip_tuning: whether the module carries Skip-Tuning scales (the ``"skip"`` collection).
       sharding: ``(path, shape, n) -> axis | None``: the axis along which a parameter is split over
         ``n`` devices (None: the generic rule of :mod:`jdiffsample.nets.sharding`).
@@ -91,6 +94,8 @@ class Sampling:
       prompt_options: the settings ``encode_prompts`` takes as keyword options
         (``max_sequence_length`` of T5 encoders).
       default_guidance: the guidance input used when the settings give none (with ``guidance_input``).
+      true_cfg: classifier-free guidance takes its weight from the ``true_cfg`` setting (FLUX.1,
+        whose ``guidance`` setting is the network's input where it has one).
     """
 
     denoise: Callable
@@ -101,6 +106,7 @@ class Sampling:
     conditioning: Callable[[Any], tuple] = _no_conditioning
     encode_prompts: Callable | None = None
     sample_shape_at: Callable | None = None
+    pixels_per_latent: Callable[[Any], int] | None = None
     prediction: Callable[[Any], str] = _epsilon
     grids: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
     skip_tuning: bool = False
@@ -109,6 +115,7 @@ class Sampling:
     guidance_input: Callable[[Any], bool] = _false
     prompt_options: tuple = ()
     default_guidance: float | None = None
+    true_cfg: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

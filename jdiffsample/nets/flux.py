@@ -22,7 +22,7 @@ Time shift: diffusers shifts the flow times by t' = e^mu / (e^mu + 1/t - 1) with
 number of image tokens (:func:`calculate_shift`, ``use_dynamic_shifting``: FLUX.1-dev), which is
 exactly ``RectifiedFlow(shift=e^mu)``: :func:`schedule_at` gives the schedule of a resolution (a
 scheduler without dynamic shifting, FLUX.1-schnell's, has the static ``shift``). Its sampler uses the
-times ``linspace(1, 1/N, N)`` and 0 (:func:`flow_times`), starting at t = 1, pure noise.
+times ``linspace(1, 1/N, N)`` and 0 (:func:`diffusers_grid`), starting at t = 1, pure noise.
 
 Guidance: FLUX.1-dev is guidance-distilled: the ``guidance`` scale (diffusers' ``guidance_scale``,
 3.5 by default) is an input of the network, one call per step; schnell has none. Real classifier-free
@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample import schedules
+from jdiffsample import schedules, timesteps
 from jdiffsample.nets import clip, family, sharding, t5
 from jdiffsample.nets import flux_transformer as ft
 from jdiffsample.nets import vae as vae_net
@@ -61,7 +61,7 @@ from jdiffsample.tokenizer import CLIPTokenizer
 
 __all__ = ["Flux", "PIPELINES", "build", "example_inputs", "convert", "denoise", "encode_prompts", "conditioning",
            "sample_shape_at", "calculate_shift", "flow_shift", "schedule_info", "schedule", "schedule_at",
-           "flow_times", "image_tokens", "load_tokenizers", "default_max_sequence_length", "FAMILY",
+           "diffusers_grid", "image_tokens", "load_tokenizers", "default_max_sequence_length", "FAMILY",
            "pack_latents", "unpack_latents", "latent_image_ids", "text_ids"]
 
 Dtype = Any
@@ -288,12 +288,12 @@ def schedule_at(model, height: int, width: int):
     return schedule(schedule_info(model.extra["scheduler"]), image_tokens(model.module, height, width))
 
 
-def flow_times(n_steps: int) -> np.ndarray:
-    """The ``n_steps + 1`` times of diffusers' FLUX sampler in the unshifted time of
-    :func:`schedule`: ``linspace(1, 1/N, N)`` and 0 (its sigmas are their shifts)."""
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    return np.append(np.linspace(1.0, 1.0 / n_steps, n_steps), 0.0)
+def diffusers_grid(model, n_steps: int, height: int, width: int) -> np.ndarray:
+    """The times of ``FluxPipeline``'s sampler for ``n_steps`` steps at ``height`` x ``width``: its
+    sigmas ``linspace(1, 1/N, N)`` shifted (dynamically for FLUX.1-dev), then 0, as times of the
+    model's schedule at that size (:func:`jdiffsample.timesteps.flow_match`); it starts at t = 1."""
+    return timesteps.flow_match(schedule_at(model, height, width), n_steps, model.extra["scheduler"],
+                                image_seq_len=image_tokens(model.module, height, width), pipeline="flux")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,8 +378,8 @@ FAMILY = family.Family(
         convert, schedule=lambda class_name, kwargs, extra: schedule(schedule_info(extra.get("scheduler", {})))),
     sampling=family.Sampling(
         denoise=denoise, sample_shape=sample_shape, conditioning=conditioning, encode_prompts=encode_prompts,
-        sample_shape_at=sample_shape_at, prediction=lambda module: "flow_prediction", sharding=sharding.HEADS_AND_MLP,
-        grids={"diffusers": lambda model, n_steps: flow_times(n_steps)},
+        sample_shape_at=sample_shape_at, pixels_per_latent=_vae_factor, prediction=lambda module: "flow_prediction", sharding=sharding.HEADS_AND_MLP,
+        grids={"diffusers": diffusers_grid}, true_cfg=True,
         schedule_at=schedule_at, guidance_input=lambda module: bool(module.transformer.guidance_embeds),
         prompt_options=("max_sequence_length",), default_guidance=DEFAULT_GUIDANCE),
 )

@@ -397,7 +397,8 @@ FAMILY = family.Family(
         schedule=lambda class_name, kwargs, extra: schedule(extra.get("scheduler", {}))),
     sampling=family.Sampling(
         denoise=_denoise, sample_shape=_sample_shape, skip_tuning=True, conditioning=_conditioning,
-        encode_prompts=encode_prompts, sample_shape_at=_sample_shape_at,
+        encode_prompts=encode_prompts, sample_shape_at=_sample_shape_at, pixels_per_latent=lambda m: 2 ** (len(m.vae.block_out_channels) - 1),
         prediction=lambda module: module.prediction_type,
-        grids={"diffusers": lambda model, n_steps: diffusers_times(model.extra.get("scheduler", {}), n_steps)}),
+        grids={"diffusers": lambda model, n_steps, height, width: diffusers_times(model.extra.get("scheduler", {}),
+                                                                                   n_steps)}),
 )

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample import schedules
+from jdiffsample import schedules, timesteps
 from jdiffsample.nets import clip, family, sd3_transformer, sharding, t5
 from jdiffsample.nets import vae as vae_net
 from jdiffsample.nets.formats import checkpoint, diffusers_folder
@@ -55,7 +55,7 @@ from jdiffsample.tokenizer import CLIPTokenizer
 
 __all__ = ["StableDiffusion3", "PIPELINE", "MAX_SEQUENCE_LENGTH", "build", "example_inputs", "encode_prompts",
            "tokenize", "denoise", "skip_layer_steps", "sample_shape_at", "schedule_info", "schedule",
-           "diffusers_times", "convert", "FAMILY"]
+           "diffusers_grid", "convert", "FAMILY"]
 
 Dtype = Any
 PIPELINE = "StableDiffusion3Pipeline"
@@ -289,15 +289,10 @@ def schedule(info: Mapping[str, Any]):
         raise ValueError(f"the schedule's shift is not valid ({err})") from None
 
 
-def diffusers_times(info: Mapping[str, Any], n_steps: int) -> np.ndarray:
-    """The ``n_steps + 1`` times (unshifted ``t``, float64) of ``FlowMatchEulerDiscreteScheduler.set_timesteps``:
-    ``linspace(1, sigma(1 / N_train), n_steps)`` (its last training noise level, already shifted, as
-    diffusers takes it) then 0. It starts at t = 1 (pure noise), where only the Euler step is defined."""
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    shift, n_train = float(info["shift"]), int(info.get("num_train_timesteps", 1000))
-    last = shift / n_train / (1 + (shift - 1) / n_train)
-    return np.append(np.linspace(1.0, last, n_steps), 0.0)
+def diffusers_grid(model, n_steps: int, height: int | None = None, width: int | None = None) -> np.ndarray:
+    """The times of ``StableDiffusion3Pipeline``'s sampler for ``n_steps`` steps: the scheduler's
+    shifted sigmas from 1 (:func:`jdiffsample.timesteps.flow_match`), then 0."""
+    return timesteps.flow_match(model.schedule, n_steps, model.extra["scheduler"], pipeline="sd3")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,8 +383,7 @@ FAMILY = family.Family(
         convert, schedule=lambda class_name, kwargs, extra: schedule(schedule_info(extra.get("scheduler")))),
     sampling=family.Sampling(
         denoise=denoise, sample_shape=_sample_shape, conditioning=lambda module: ("context", "pooled"),
-        encode_prompts=encode_prompts, sample_shape_at=sample_shape_at, prediction=lambda module: "flow_prediction",
+        encode_prompts=encode_prompts, sample_shape_at=sample_shape_at, pixels_per_latent=lambda m: 2 ** (len(m.vae.block_out_channels) - 1), prediction=lambda module: "flow_prediction",
         sharding=sharding.HEADS_AND_MLP, prompt_options=("max_sequence_length",),
-        grids={"diffusers": lambda model, n_steps: diffusers_times(schedule_info(model.extra["scheduler"]),
-                                                                   n_steps)}),
+        grids={"diffusers": diffusers_grid}),
 )

@@ -161,7 +161,7 @@ def _sample_shape(model: Model, height, width) -> tuple[tuple, tuple | None]:
             raise ValueError(f"{model.family} networks sample a fixed size; --height/--width apply to models that "
                              f"sample any size (text-to-image)")
         return tuple(model.sample_shape), None
-    factor = 1024 // spec.sample_shape_at(model.module, 1024, 1024)[0]
+    factor = spec.pixels_per_latent(model.module)
     height = model.sample_shape[0] * factor if height is None else height
     width = model.sample_shape[1] * factor if width is None else width
     return tuple(spec.sample_shape_at(model.module, height, width)), (height, width)
@@ -181,19 +181,43 @@ def _check_labels(labels, n_classes: int):
     return tuple(values)
 
 
-def _check_text(model: Model, s: Settings) -> None:
+def _guidance_roles(model: Model, s: Settings) -> tuple:
+    """``(classifier-free guidance weight or None, encode_prompts' keyword options)``: the settings'
+    ``guidance`` is the CFG weight, or the network's own input where the family has one (FLUX.1-dev's
+    distilled guidance), and then ``true_cfg`` is the CFG weight."""
+    spec, options = model.sampling, {}
+    if s.max_sequence_length is not None:
+        if "max_sequence_length" not in spec.prompt_options:
+            raise ValueError(f"--max-sequence-length applies to text models with a T5 encoder, not {model.family}")
+        options["max_sequence_length"] = s.max_sequence_length
+    if not spec.true_cfg:
+        if s.true_cfg is not None:
+            raise ValueError(f"--true-cfg applies to FLUX.1 (classifier-free guidance beside its distilled guidance); "
+                             f"{model.family} networks take the classifier-free guidance weight as --guidance")
+        return s.guidance, options
+    if spec.guidance_input(model.module):
+        options["guidance"] = s.guidance if s.guidance is not None else spec.default_guidance
+    elif s.guidance is not None:
+        raise ValueError(f"this {model.family} model has no guidance input (it is not guidance-distilled, as "
+                         f"FLUX.1-schnell): --guidance does not apply; --true-cfg W with --negative-prompt is "
+                         f"classifier-free guidance")
+    if s.true_cfg is not None and s.negative_prompts is None:
+        raise ValueError("--true-cfg is classifier-free guidance against a negative prompt: give --negative-prompt")
+    return s.true_cfg, options
+
+
+def _check_text(model: Model, s: Settings, weight) -> None:
     spec = model.sampling
     if spec.encode_prompts is None:
         if s.prompts is not None or s.negative_prompts is not None:
             raise ValueError(f"{model.family} networks are not text-conditional: they take no prompts")
-        if s.max_sequence_length is not None:
-            raise ValueError(f"--max-sequence-length applies to text models with a T5 encoder, not {model.family}")
         return
     if s.prompts is None:
         raise ValueError(f"this {model.family} model is text-conditional: give a prompt (--prompt TEXT or "
                          f"--prompt-file)")
-    if s.negative_prompts is not None and s.guidance is None:
-        raise ValueError("a negative prompt acts through classifier-free guidance: give --guidance W")
+    if s.negative_prompts is not None and weight is None:
+        flag = "--true-cfg" if spec.true_cfg else "--guidance"
+        raise ValueError(f"a negative prompt acts through classifier-free guidance: give {flag} W")
 
 
 def _check_threshold(model: Model, s: Settings) -> None:
@@ -235,28 +259,36 @@ def _decoder(model: Model, s: Settings, path):
 # Grids
 
 
-def _warmup(model: Model, s: Settings):
-    """``(denoise, noise)``: the model with labels cycling over its classes, and ``learn_batch``
-    warm-up noises at t_max from the key of sample :data:`WARMUP_INDEX`."""
-    spec = model.sampling
-    if spec.encode_prompts is not None or spec.conditioning(model.module):
-        raise ValueError(f"grids found on the model's trajectories (gits, learned, ld3) are for class-conditional "
-                         f"or unconditional models; this {model.family} model needs other conditioning")
+def _warmup(denoiser: Denoiser, s: Settings, sample_shape, cond, uncond):
+    """``(denoise, noise)``: the stage's denoiser (its guidance included) for ``learn_batch`` warm-up
+    samples, with labels cycling over the classes and prompts over the prompts, and their noises at
+    the schedule's t_max from the key of sample :data:`WARMUP_INDEX`."""
     n = s.learn_batch
-    labels = np.arange(n) % model.num_classes if model.num_classes else None
-    schedule = model.schedule
+    idx = np.arange(n)
+    rows = lambda table: None if table is None else {k: np.asarray(v)[idx % len(v)] for k, v in table.items()}  # noqa: E731
+    if denoiser.labels is not None:
+        denoiser = denoiser.with_labels(idx % denoiser.model.num_classes)
+    if cond is not None:
+        denoiser = dataclasses.replace(denoiser, conditioning=rows(cond), uncond_conditioning=rows(uncond))
+    if denoiser.model.sampling.conditioning(denoiser.model.module) and cond is None:
+        raise ValueError(f"grids found on the model's trajectories (gits, learned, ld3) need the model's own "
+                         f"conditioning; this {denoiser.model.family} model is conditioned on another stage")
+    schedule = denoiser.schedule
     key = jax.random.fold_in(jax.random.key(s.seed), WARMUP_INDEX)
-    noise = jax.random.normal(key, (n, *model.sample_shape)) * schedule.prior_std(schedule.t_max)
-    device_model = model.with_variables(jax.tree.map(jnp.asarray, model.variables))
-    return device_model.denoiser(labels), noise
+    noise = jax.random.normal(key, (n, *sample_shape)) * schedule.prior_std(schedule.t_max)
+    return denoiser, noise
 
 
-def _grid(model: Model, digest: str, s: Settings, info, options: dict, n_steps: int, final_zero: bool,
-          known) -> tuple[str, np.ndarray]:
-    """``(name, times)`` of the grid the settings name (or their explicit times)."""
+def _grid(model: Model, digest: str, s: Settings, info, options: dict, pixels, known,
+          warmup) -> tuple[str, np.ndarray]:
+    """``(name, times)`` of the grid the settings name (or their explicit times). ``warmup()`` gives
+    the denoiser and noises of grids found on the model's trajectories."""
     schedule = model.schedule
+    n_steps, final_zero = info.steps_for_nfe(s.nfe, zero_end=schedule.zero_end)
     if not isinstance(s.grid, str):
         ts = np.asarray(s.grid, np.float64)
+        first_noise = bool(schedule.noise_start and ts[0] >= 1.0)
+        n_steps, _ = info.steps_for_nfe(s.nfe, zero_end=schedule.zero_end, first_noise=first_noise)
         if len(ts) != n_steps + 1:
             raise ValueError(f"explicit grid times must be {n_steps + 1} for NFE {s.nfe} ({n_steps} steps of "
                              f"{info.name}), got {len(ts)}")
@@ -268,7 +300,12 @@ def _grid(model: Model, digest: str, s: Settings, info, options: dict, n_steps: 
         raise ValueError(f"--grid {s.grid} is not available for {model.family} networks; choose one of "
                          f"{', '.join(names)}")
     if s.grid in own:
-        ts = np.asarray(own[s.grid](model, n_steps), np.float64)
+        size = pixels if pixels is not None else (None, None)
+        ts = np.asarray(own[s.grid](model, n_steps, *size), np.float64)
+        if schedule.noise_start and ts[0] >= 1.0:  # from pure noise: a first-order first step may cost less
+            steps, _ = info.steps_for_nfe(s.nfe, zero_end=schedule.zero_end, first_noise=True)
+            if steps != n_steps:
+                ts = np.asarray(own[s.grid](model, steps, *size), np.float64)
         schedule.check_times(ts)
         return s.grid, ts
     base = n_steps - 1 if final_zero else n_steps
@@ -277,12 +314,12 @@ def _grid(model: Model, digest: str, s: Settings, info, options: dict, n_steps: 
         if len(ts) != n_steps + 1:
             raise ValueError(f"the recorded {s.grid} grid has {len(ts) - 1} steps, the settings give {n_steps}")
         return s.grid, ts
-    key = (s.grid, digest, schedule, info.name, tuple(sorted(options.items())), base, s.seed, s.learn_iters,
-           s.learn_batch, s.dtype, s.skip_tuning, json.dumps(s.to_json().get("class_labels")))
+    key = (s.grid, digest, schedule, info.name, tuple(sorted(options.items())), base, pixels,
+           json.dumps(s.to_json(), sort_keys=True) if s.grid in grids.NEEDS_MODEL else None)
     if key not in _GRID_CACHE:
         denoise = noise = None
         if s.grid in grids.NEEDS_MODEL:
-            denoise, noise = _warmup(model, s)
+            denoise, noise = warmup()
         ts = grids.make(s.grid, schedule, base, solver=info.name, options=options, denoise=denoise, noise=noise,
                         learn_iters=s.learn_iters)
         while len(_GRID_CACHE) >= _GRID_CACHE_SIZE:
@@ -316,10 +353,14 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
     if needs and spec.encode_prompts is None and index == 1:
         raise ValueError(f"this {model.family} model is conditioned on {', '.join(needs)}: use it as the "
                          f"upsampler of a first-stage model (--model BASE --upsampler DIR)")
-    n_steps, final_zero = info.steps_for_nfe(s.nfe, zero_end=model.schedule.zero_end)
+    info.steps_for_nfe(s.nfe, zero_end=model.schedule.zero_end)  # an NFE the solver can spend
     labels = _check_labels(labels, model.num_classes) if index == 1 else labels
     sample_shape, pixels = _sample_shape(model, s.height, s.width)
-    _check_text(model, s)
+    if spec.schedule_at is not None and pixels is not None:  # a schedule that depends on the image size
+        model = dataclasses.replace(model, schedule_json=json.dumps(spec.schedule_at(model, *pixels).to_config(),
+                                                                    sort_keys=True))
+    weight, text_options = _guidance_roles(model, s)
+    _check_text(model, s, weight)
     _check_threshold(model, s)
     if s.skip_tuning is not None and not spec.skip_tuning:
         raise ValueError(f"{model.family} networks have no long skip connections to tune (--skip-tuning)")
@@ -351,9 +392,9 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
         models["vae"], paths["vae"] = vae_record, vae_path
     placeholder = np.zeros(1, np.int32) if labels is not None else None
     low_res = None if low_res_shape is None else dict(low_res=np.zeros((1, *low_res_shape), np.float32))
-    guided = index == 1 and s.guidance is not None
+    guided = index == 1 and weight is not None
     options_for_denoiser = dict(
-        guidance=s.guidance if guided else None, guide=guide, interval=s.guidance_interval if guided else None,
+        guidance=weight if guided else None, guide=guide, interval=s.guidance_interval if guided else None,
         channels=s.guidance_channels, classifier=classifier, classifier_scale=s.classifier_scale if index == 1 else None,
         guidance_rescale=s.guidance_rescale if guided else None, threshold=s.threshold,
         threshold_ratio=s.threshold_ratio, threshold_max=s.threshold_max)
@@ -362,14 +403,16 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
     # model's trajectories, text encoding).
     cond = uncond = None
     if spec.encode_prompts is not None:
-        cond = spec.encode_prompts(base, path, s.prompts, *pixels)
-        if s.guidance is not None:
-            uncond = spec.encode_prompts(base, path, s.negative_prompts, *pixels)
+        cond = spec.encode_prompts(base, path, s.prompts, *pixels, **text_options)
+        if weight is not None:
+            uncond = spec.encode_prompts(base, path, s.negative_prompts, *pixels, **text_options)
         conditioning = {k: v[:1] for k, v in cond.items()}
     denoiser = Denoiser.create(base, placeholder, conditioning=conditioning,
                                uncond_conditioning=None if uncond is None else {k: v[:1] for k, v in uncond.items()},
                                **options_for_denoiser)
-    grid_name, ts = _grid(model, digest, s, info, dict(options), n_steps, final_zero, known_grid)
+    grid_name, ts = _grid(model, digest, s, info, dict(options), pixels, known_grid,
+                          lambda: _warmup(denoiser, s, sample_shape, cond, uncond))
+    n_steps = len(ts) - 1
     init = None
     if init_images is not None:
         ts, init = _image_to_image(base, init_images, strength, ts, sample_shape)

@@ -109,12 +109,29 @@ def _chunk(program: Program, fixed: dict, indices, labels, low_res, noise, ts):
     return (quantize(x) if fixed["decoder"] is None else fixed["decoder"](x)), labels, finite
 
 
-def _device_fn(program: Program, fixed, indices, labels, low_res, noise, ts):
-    """One device group's share, in chunks of ``micro_batch`` (one network shape whatever the share)."""
+def _device_fn(program: Program, fixed, count, indices, labels, low_res, noise, ts):
+    """One device group's share, in chunks of ``micro_batch`` (one network shape whatever the share).
+
+    The chunks run in a loop whose trip count ``count`` is an argument, over buffers with one spare
+    chunk: XLA inlines a loop of one trip and turns slices of a one-chunk axis into plain copies, and
+    a share of one chunk would then be computed by other fused kernels (rounded otherwise) than the
+    same chunk in a longer share."""
     mb = program.micro_batch
-    chunks = lambda a: a.reshape(-1, mb, *a.shape[1:])  # noqa: E731
-    images, labels, finite = jax.lax.map(lambda a: _chunk(program, fixed, *a, ts),
-                                         (chunks(indices), chunks(labels), chunks(low_res), chunks(noise)))
+
+    def chunks(a):  # [share, ...] -> [share / mb + 1, mb, ...], the last chunk a spare, never run
+        a = a.reshape(-1, mb, *a.shape[1:])
+        return jnp.concatenate([a, jnp.zeros_like(a[:1])])
+
+    xs = tuple(chunks(a) for a in (indices, labels, low_res, noise))
+    item = lambda i: tuple(jax.lax.dynamic_index_in_dim(x, i, keepdims=False) for x in xs)  # noqa: E731
+    shapes = jax.eval_shape(lambda a: _chunk(program, fixed, *a, ts), item(0))
+    out = jax.tree.map(lambda s: jnp.zeros((xs[0].shape[0], *s.shape), s.dtype), shapes)
+
+    def body(i, out):
+        result = _chunk(program, fixed, *item(i), ts)
+        return jax.tree.map(lambda o, r: jax.lax.dynamic_update_index_in_dim(o, r, i, 0), out, result)
+
+    images, labels, finite = (a[:-1] for a in jax.lax.fori_loop(0, count, body, out))
     return images.reshape(-1, *images.shape[2:]), labels.reshape(-1), finite.reshape(-1)
 
 
@@ -122,7 +139,7 @@ def _device_fn(program: Program, fixed, indices, labels, low_res, noise, ts):
 def _jitted(program: Program, mesh):
     batch = P(DATA_AXIS)
     return jax.jit(jax.shard_map(functools.partial(_device_fn, program), mesh=mesh,
-                                 in_specs=(P(), batch, batch, batch, batch, P()), out_specs=(batch, batch, batch),
+                                 in_specs=(P(), P(), batch, batch, batch, batch, P()), out_specs=(batch, batch, batch),
                                  axis_names=frozenset({DATA_AXIS}), check_vma=False))
 
 
@@ -171,6 +188,8 @@ class _StageRunner:
                      init=stage.init, solver_params=stage.solver_params)
         self.fixed = jax.device_put(fixed, _placements(fixed, mesh, model_parallel))
         self.ts = jax.device_put(np.asarray(stage.ts, np.float32), NamedSharding(mesh, P()))
+        groups = mesh.shape[DATA_AXIS]
+        self.count = jax.device_put(np.int32(batch // groups // micro_batch), NamedSharding(mesh, P()))
         self.program = Program(stage.solver, stage.options, tuple(stage.sample_shape), micro_batch, stage.n_classes,
                                stage.latents_only, stage.index, img2img=stage.init is not None)
         self._compiled: dict = {}
@@ -187,7 +206,7 @@ class _StageRunner:
         low = jax.ShapeDtypeStruct((self.batch, *(self.stage.low_res_shape or (1,))), np.uint8, sharding=batch)
         noise = jax.ShapeDtypeStruct((self.batch, *(program.sample_shape if given_noise else (1,))), np.float32,
                                      sharding=batch)
-        args = (self.fixed, idx, idx, low, noise, self.ts)
+        args = (self.fixed, self.count, idx, idx, low, noise, self.ts)
         options = xla_options.compile_options(devices)
         key = (program, tuple(devices), tuple(self.mesh.shape.items()), self.batch, _signature(args), tuple(options.items()))
         start = time.perf_counter()
@@ -202,7 +221,7 @@ class _StageRunner:
         program = dataclasses.replace(self.program, given_noise=noise is not None)
         if noise is None:
             noise = jax.device_put(np.zeros((self.batch, 1), np.float32), indices.sharding)
-        return self._compiled[program](self.fixed, indices, labels, low_res, noise, self.ts)
+        return self._compiled[program](self.fixed, self.count, indices, labels, low_res, noise, self.ts)
 
 
 class Runner:

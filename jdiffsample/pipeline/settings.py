@@ -246,7 +246,7 @@ def _check_grid(value):
     return tuple(float(t) for t in ts)
 
 
-def _check_texts(name):
+def _check_texts(name, allow_empty: bool = False):
     def check(value):
         if value is None:
             return None
@@ -258,7 +258,7 @@ def _check_texts(name):
         if not values or not all(isinstance(v, str) for v in values):
             raise ValueError(f"{_names(name)} must be a string or a non-empty list of strings, got {value!r}")
         empty = [i for i, v in enumerate(values) if not v.strip()]
-        if empty:
+        if empty and not allow_empty:
             raise ValueError(f"{name[:-1].replace('_', ' ')} {empty[0]} is empty; give a text (the unconditional "
                              f"input is the default negative prompt)")
         return values
@@ -357,8 +357,9 @@ class Settings:
     # -- text models
     prompts: Any = setting(None, "a prompt (repeat for several: sample i uses prompt i mod P)", flag="--prompt",
                            check=_check_texts("prompts"), metavar="TEXT", group="text models", repeat=True)
-    negative_prompts: Any = setting(None, "negative prompt(s) for classifier-free guidance (cycled like the prompts)",
-                                    flag="--negative-prompt", check=_check_texts("negative_prompts"), metavar="TEXT",
+    negative_prompts: Any = setting(None, "negative prompt(s) for classifier-free guidance (cycled like the prompts; "
+                                    "'' is the empty prompt)",
+                                    flag="--negative-prompt", check=_check_texts("negative_prompts", allow_empty=True), metavar="TEXT",
                                     group="text models", repeat=True)
     height: Any = setting(None, "image height in pixels (models that sample any size)",
                           check=_optional_positive_int("height"), group="text models", kind=int)

@@ -118,6 +118,7 @@ def assert_cli_fails(argv, message: str, capsys, *unwritten) -> None:
     the paths ``unwritten``."""
     from jdiffsample import cli
 
+    capsys.readouterr()  # what earlier commands printed
     assert cli.main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err

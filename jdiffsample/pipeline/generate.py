@@ -56,9 +56,16 @@ class Summary:
     param_bytes_total: int
 
 
+STDERR = "stderr"  # the ``log`` default: sys.stderr as it is when the function runs
+
+
+def _stream(log):
+    return sys.stderr if log == STDERR else log
+
+
 def generate(model, out, *, num: int = 50000, shard_size: int = 1000, batch: int | None = None,
              preview: bool = True, export=None, overwrite: bool = False, devices=None,
-             process_index: int | None = None, process_count: int | None = None, log=sys.stderr,
+             process_index: int | None = None, process_count: int | None = None, log=STDERR,
              **settings) -> Summary:
     """Generate ``num`` samples of ``model`` into the folder ``out``.
 
@@ -88,10 +95,15 @@ def _known_grid(out: Path, settings: Settings):
         old = output.read_manifest(out)["settings"]
     except (ValueError, KeyError):
         return None
-    mine = settings.to_json()
+    mine = {k: v for k, v in settings.to_json().items() if v not in (None, "default") or k not in _RESOLVED}
     if all(old.get(k) == v for k, v in mine.items() if k in old) and "grid_values" in old:
         return old["grid_values"]
     return None
+
+
+#: settings whose manifest record holds the value the plan resolved (the default micro-batch, the
+#: family's guidance channels)
+_RESOLVED = ("micro_batch", "guidance_channels")
 
 
 def _check_output(out: Path, o: Output, p_count: int) -> None:
@@ -105,12 +117,13 @@ def _check_output(out: Path, o: Output, p_count: int) -> None:
 
 
 def run(model, settings: Settings, o: Output, *, devices=None, process_index: int | None = None,
-        process_count: int | None = None, log=sys.stderr, on_batch=None, dry_run: bool = False):
+        process_count: int | None = None, log=STDERR, on_batch=None, dry_run: bool = False):
     """:func:`generate` with its settings as values; ``on_batch(indices, images, labels)`` sees every
     batch as it is collected (the eval suite scores them while they are written). With ``dry_run``
     the plan is printed to ``log`` (or returned, when ``log`` is None) and nothing is run or written."""
     if o.out is None:
         raise ValueError("give the output folder (--out DIR)")
+    log = _stream(log)
     start = time.perf_counter()
     p_index = jax.process_index() if process_index is None else int(process_index)
     p_count = jax.process_count() if process_count is None else int(process_count)
@@ -143,11 +156,12 @@ def run(model, settings: Settings, o: Output, *, devices=None, process_index: in
 
 
 def write_run(runner: Runner, out, *, num: int, shard_size: int = 1000, process_index: int | None = None,
-              process_count: int | None = None, preview: bool = True, log=sys.stderr, on_batch=None,
+              process_count: int | None = None, preview: bool = True, log=STDERR, on_batch=None,
               started: float | None = None) -> Summary:
     """Write ``num`` samples of ``runner``'s plan into ``out``: create or check the manifest, verify the
     shards found there (a damaged one is reported by name and written again), generate the rest."""
     start = time.perf_counter() if started is None else started
+    log = _stream(log)
     p_index = jax.process_index() if process_index is None else int(process_index)
     p_count = jax.process_count() if process_count is None else int(process_count)
     out = Path(out)

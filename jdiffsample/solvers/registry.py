@@ -190,13 +190,14 @@ class Solver:
             raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
         per, last = self.calls_per_step, self.final_zero_calls
         for final_zero in (False, True) if zero_end else (False,):
-            n = 1
+            n = 2 if final_zero else 1  # a last step into sigma = 0 follows at least one ordinary step
             while self.nfe(n, final_zero, first_noise) < nfe:
                 n += 1
             if self.nfe(n, final_zero, first_noise) == nfe:
                 return n, final_zero
-        hint = (f"; or {per} k + {last} on a schedule that can end at sigma = 0" if last is not None else "")
-        raise ValueError(f"{self.name} makes {per} model calls per step: nfe must be a multiple of {per}{hint}, got {nfe}")
+        hint = (f", or {per} k + {last} (k >= 1) on a schedule that can end at sigma = 0" if last is not None else "")
+        raise ValueError(f"{self.name} makes {per} model calls per step: the NFE (--nfe) must be a positive multiple "
+                         f"of {per}{hint}, got {nfe}")
 
 
 _REGISTRY: dict[str, Solver] = {}

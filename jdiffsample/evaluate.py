@@ -1,19 +1,21 @@
 """The evaluation suite behind ``jdiffsample eval``: what each solver, grid and Skip-Tuning value buys.
 
-For a class-conditional network on 8x8 digits (the bundled ``digits`` model by default) and every
-combination of solver, NFE and time grid, plus Skip-Tuning values on chosen solvers, it samples
-through the same program as ``jdiffsample sample`` (:class:`jdiffsample.pipeline.Sampler`: the
-same starting noises, labels cycling 0-9 by index, the same uint8 images) and reports
+For a network (the bundled ``digits`` model by default) and every combination of solver, NFE and
+time grid, plus Skip-Tuning values on chosen solvers, it samples through the same plan and program
+as ``jdiffsample sample`` (the same starting noises, labels cycling over the classes by index, the
+same uint8 images) and reports, for the metrics asked for:
 
-* ``fd``: digits FD (:func:`jdiffsample.metrics.digits_fd`) against the real digits,
-* ``accuracy``: the digits classifier's accuracy on the requested labels,
+* ``fd``: digits FD (:func:`jdiffsample.metrics.digits_fd`) against the real digits (8x8 digits
+  networks only),
+* ``accuracy``: the digits classifier's accuracy on the requested labels (the same),
 * ``error``: RMS pixel distance (images in [-1, 1], 8-bit) to a reference solution from the same
   noise (EDM's Heun on a fine Karras grid with the untuned network): the solver's discretization
   error, resolved down to the 8-bit quantization. For stochastic solvers and Skip-Tuned networks it
   measures a deliberate departure from the ODE solution, not an error.
 * ``seconds``: sampling wall time (compilation excluded).
-* ``fid`` (only with ``inception=``): FID with pytorch-fid's InceptionV3 (:mod:`jdiffsample.fid`)
-  against reference statistics (default: the 1797 real digits).
+* ``fid`` (with pytorch-fid's InceptionV3 weights) and ``fd_dinov2`` (with DINOv2 ViT-L/14's):
+  Frechet distances in their features (:mod:`jdiffsample.fid`) against a reference in any format
+  ``jdiffsample fid`` reads (for the digits model, by default, the 1797 real digits).
 
 Solvers are registry names with options (``dpmpp:order=3``). Grids: every method of
 :mod:`jdiffsample.grids` (``logsnr``, ``karras``, ``optimized``, ``ays``, ``gits``, ``learned``,
@@ -58,6 +60,7 @@ class Cell:
     seconds: float
     fid: float = float("nan")
     grid_seconds: float = 0.0  # computing the grid (its model calls for GITS and learned grids), once
+    fd_dinov2: float = float("nan")
 
 
 def _cell_name(solver: str, options: dict, nfe: int, grid: str, rho: float) -> str:
@@ -73,15 +76,18 @@ class Suite:
     find with the same settings), with labels cycling 0-9 by index.
 
     Args:
-      model: bundled model name or checkpoint folder (an 8x8 class-conditional network, 10 classes).
-      samples: images per cell; sample i has label i mod 10.
+      model: bundled model name or checkpoint folder (class-conditional or unconditional).
+      samples: images per cell; sample i has label i mod the number of classes.
       batch, micro_batch: as for ``jdiffsample sample`` (the images depend on micro_batch only).
       seed: the base seed of every cell.
       ref_steps: Heun steps of the reference (NFE ``2 * ref_steps - 1``, Karras grid to 0).
       learn_batch, learn_iters: warm-up noises and iterations of learned and GITS grids.
-      inception: pytorch-fid's InceptionV3 weights file: adds FID to every cell (slow on a CPU).
-      fid_reference: FID reference statistics (``.npz`` with ``mu``, ``sigma``); default: the
-        Inception statistics of the 1797 real digits.
+      metrics: some of ``digits``, ``fid``, ``fd_dinov2`` (default: ``digits`` for an 8x8 digits network,
+        plus the Frechet distances whose weights are given).
+      inception, dinov2: the feature networks' weights files (pytorch-fid's InceptionV3, DINOv2's
+        released ViT-L/14): add FID and FD_DINOv2 to every cell.
+      reference: their reference, in any format ``jdiffsample fid`` reads (default for the digits
+        model: the 1797 real digits).
       save_samples: a folder; every cell's images are also written there as a ``jdiffsample
         sample`` output folder (manifest and shards) named after the cell.
       log: called with progress lines.
@@ -89,7 +95,7 @@ class Suite:
 
     def __init__(self, model: str = "digits", samples: int = 1000, batch: int = 512, seed: int = 0,
                  ref_steps: int = 100, learn_batch: int = 64, learn_iters: int = 30, inception=None,
-                 fid_reference=None, micro_batch: int = 64, save_samples=None,
+                 reference=None, micro_batch: int = 64, save_samples=None, metrics=None, dinov2=None,
                  log: Callable[[str], None] = print):
         for name, value in (("samples", samples), ("batch", batch), ("ref_steps", ref_steps),
                             ("micro_batch", micro_batch), ("learn_batch", learn_batch), ("learn_iters", learn_iters)):
@@ -97,47 +103,74 @@ class Suite:
         if samples < 2:
             raise ValueError(f"samples (--samples) must be at least 2, got {samples}")
         self.path = nets.resolve(model)
-        config = nets.read_config(self.path)
-        probe = nets.from_config(config, None)
-        if probe.num_classes != 10 or tuple(probe.sample_shape) != (8, 8, 1):
-            raise ValueError(f"{self.path}: the digits metrics need an 8x8 single-channel network with 10 classes")
-        self.schedule = probe.schedule
+        probe = nets.from_config(nets.read_config(self.path), None)
+        digits = probe.num_classes == 10 and tuple(probe.sample_shape) == (8, 8, 1)
+        wanted = [m for m in (metrics or ("digits" if digits else None,)) if m]
+        if inception is not None and "fid" not in wanted:
+            wanted.append("fid")
+        if dinov2 is not None and "fd_dinov2" not in wanted:
+            wanted.append("fd_dinov2")
+        unknown = sorted(set(wanted) - {"digits", *fid.METRICS})
+        if unknown or not wanted:
+            raise ValueError(f"metrics must be some of digits, {', '.join(fid.METRICS)} (--metric), got "
+                             f"{', '.join(unknown) or 'none'}")
+        if "digits" in wanted and not digits:
+            raise ValueError(f"{self.path}: the digits metrics need an 8x8 single-channel network with 10 classes; "
+                             f"give --metric fid or fd_dinov2 with --ref and the feature network's weights")
+        self.metrics, self.schedule = tuple(wanted), probe.schedule
+        self.num_classes = probe.num_classes
         self.samples, self.batch, self.micro_batch, self.seed = samples, batch, micro_batch, seed
         self.ref_steps, self.learn_batch, self.learn_iters = ref_steps, learn_batch, learn_iters
         self.save_samples = None if save_samples is None else Path(save_samples)
         self.log = log
-        self.labels = np.arange(samples) % 10
+        self.labels = np.arange(samples) % max(self.num_classes, 1)
         self._grid_costs: dict = {}
         self.grid_log: dict = {}
-        self.inception, self.fid_reference = None, None
-        if inception is not None:
-            self._setup_fid(inception, fid_reference)
+        self.networks, self.reference_stats = {}, {}
+        weights = dict(fid=inception, fd_dinov2=dinov2)
+        features = [m for m in self.metrics if m != "digits"]
+        if features:
+            self._setup_features(features, weights, reference, digits)
         images, seconds, _ = self.sample("heun", {}, 2 * ref_steps - 1, "karras")
         self.log(f"reference: Heun, {ref_steps} steps (NFE {2 * ref_steps - 1}), {seconds:.1f} s")
         self.reference = dequantize(images)
 
-    def _setup_fid(self, weights, reference) -> None:
-        self.inception = fid.load_inception(weights)
-        if reference is not None:
-            self.fid_reference = fid.load_stats(reference)
-            return
+    def _setup_features(self, features, weights, reference, digits: bool) -> None:
+        """The feature networks and their reference statistics, checked before any sampling."""
+        missing = [m for m in features if weights[m] is None]
+        if missing:
+            flag = {"fid": "--inception", "fd_dinov2": "--dinov2"}
+            raise ValueError(f"{', '.join(missing)} needs its feature network's weights: "
+                             f"{', '.join(flag[m] for m in missing)} FILE")
+        if reference is None and not digits:
+            raise ValueError("Frechet distances need reference statistics: --ref FILE (statistics .npz/.pkl, an ADM "
+                             "reference batch, a run folder or a folder of PNGs)")
+        self.networks = {m: fid.load_network(m, weights[m]) for m in features}
         start = time.perf_counter()
-        real, _ = metrics.real_digits()
-        self.fid_reference = fid.compute_stats(real, self.inception)
-        self.log(f"Inception statistics of {len(real)} real digits in {time.perf_counter() - start:.1f} s")
+        if reference is None:  # the 1797 real digits
+            real, _ = metrics.real_digits()
+            real = np.floor(np.clip(real, -1, 1) * 127.5 + 128.0).clip(0, 255).astype(np.uint8)
+            self.reference_stats = fid.image_stats(real, self.networks)
+        else:
+            ref = fid.load_reference(reference)
+            ref.check(features, self.networks)
+            self.reference_stats = ref.stats_for(self.networks)
+        self.log(f"reference statistics of {', '.join(features)} in {time.perf_counter() - start:.1f} s")
 
-    def fid(self, images) -> float:
-        """FID of ``images`` (in [-1, 1]) against the reference statistics; NaN without Inception."""
-        if self.inception is None:
-            return float("nan")
-        return fid.fid(np.clip(images, -1, 1), self.inception, self.fid_reference)
+    def distances(self, images) -> dict:
+        """``{metric: Frechet distance}`` of uint8 ``images`` against the reference statistics."""
+        if not self.networks:
+            return {}
+        stats = fid.image_stats(images, self.networks)
+        return {m: fid.frechet(stats[m], self.reference_stats[m]) for m in self.networks}
 
     # -- sampling ---------------------------------------------------------------------------
 
     def settings(self, solver: str, options: dict, nfe: int, grid, rho_bottom: float = 1.0) -> pipeline.Settings:
         """The settings of one cell: what ``jdiffsample sample --class-labels 0,...,9`` would get."""
+        labels = tuple(range(self.num_classes)) if self.num_classes else None
         return pipeline.Settings(solver=solver, options=options, nfe=nfe, grid=grid,
-                                 skip_tuning=None if rho_bottom == 1.0 else rho_bottom, class_labels=tuple(range(10)),
+                                 skip_tuning=None if rho_bottom == 1.0 else rho_bottom, class_labels=labels,
                                  seed=self.seed, micro_batch=self.micro_batch, learn_iters=self.learn_iters,
                                  learn_batch=self.learn_batch)
 
@@ -181,18 +214,25 @@ class Suite:
                                             name=_cell_name(solver, options, nfe, grid, rho_bottom))
         key = (grid, solver, tuple(sorted(options.items())), plan.stages[0].n_steps)
         grid_seconds = self._grid_costs[key] if key not in seen else 0.0
+        distances = self.distances(images)
         images = dequantize(images)
         error = float(np.sqrt(np.mean((images - self.reference) ** 2)))
-        return Cell(label, nfe, grid, rho_bottom, metrics.digits_fd(images),
-                    metrics.digits_accuracy(images, self.labels), error, seconds, self.fid(images), grid_seconds)
+        digits = "digits" in self.metrics
+        nan = float("nan")
+        return Cell(label, nfe, grid, rho_bottom, metrics.digits_fd(images) if digits else nan,
+                    metrics.digits_accuracy(images, self.labels) if digits else nan, error, seconds,
+                    distances.get("fid", nan), grid_seconds, distances.get("fd_dinov2", nan))
 
     def baselines(self) -> dict:
         """Digits FD of the reference samples, and of real digits against themselves at this
-        sample count (the floor that sampling noise alone gives)."""
-        out = dict(reference_fd=metrics.digits_fd(self.reference),
+        sample count (the floor that sampling noise alone gives); the reference samples' Frechet
+        distances."""
+        reference = np.floor(np.clip(self.reference, -1, 1) * 127.5 + 128.0).clip(0, 255).astype(np.uint8)
+        out = {f"reference_{m}": v for m, v in self.distances(reference).items()}
+        if "digits" not in self.metrics:
+            return out
+        out.update(reference_fd=metrics.digits_fd(self.reference),
                    reference_accuracy=metrics.digits_accuracy(self.reference, self.labels))
-        if self.inception is not None:
-            out["reference_fid"] = self.fid(self.reference)
         try:
             images, _ = metrics.real_digits()
         except ImportError:  # scikit-learn is optional
@@ -219,7 +259,8 @@ def read_csv(path) -> list[Cell]:
     with open(path, newline="") as f:
         return [Cell(r["solver"], int(r["nfe"]), r["grid"], float(r["rho_bottom"]),
                      float(r["fd"]), float(r["accuracy"]), float(r["error"]), float(r["seconds"]),
-                     float(r.get("fid") or "nan"), float(r.get("grid_seconds") or 0.0))
+                     float(r.get("fid") or "nan"), float(r.get("grid_seconds") or 0.0),
+                     float(r.get("fd_dinov2") or "nan"))
                 for r in csv.DictReader(f)]
 
 
@@ -243,6 +284,7 @@ def write_markdown(cells: list[Cell], path, title: str = "", notes: list[str] = 
     tuned_keys = {(c.solver, c.grid) for c in cells if c.rho_bottom != 1.0}
     tuned = [c for c in cells if (c.solver, c.grid) in tuned_keys]
     lines = [f"# {title}" if title else "", *notes, ""]
+    digits = any(np.isfinite(c.fd) for c in cells)
     sections = [
         ("Digits FD (lower is better)", lambda c: f"{c.fd:.2f}"),
         ("Classifier accuracy on the requested class", lambda c: f"{c.accuracy:.3f}"),
@@ -252,8 +294,12 @@ def write_markdown(cells: list[Cell], path, title: str = "", notes: list[str] = 
         ("Grid method's own cost, seconds (warm-up trajectories, learning; once per solver and NFE)",
          lambda c: f"{c.grid_seconds:.2f}"),
     ]
+    if not digits:
+        sections = sections[2:]
+    if any(np.isfinite(c.fd_dinov2) for c in cells):
+        sections.insert(0, ("FD_DINOv2, DINOv2 ViT-L/14 (lower is better)", lambda c: f"{c.fd_dinov2:.2f}"))
     if any(np.isfinite(c.fid) for c in cells):
-        sections.insert(1, ("FID, pytorch-fid's InceptionV3 (lower is better)", lambda c: f"{c.fid:.2f}"))
+        sections.insert(0, ("FID, pytorch-fid's InceptionV3 (lower is better)", lambda c: f"{c.fid:.2f}"))
     for name, value in sections:
         lines += [f"## {name}", ""]
         lines += _pivot(untuned, value, lambda c: (c.solver, c.grid), ["solver", "grid"])
@@ -271,7 +317,8 @@ def write_markdown(cells: list[Cell], path, title: str = "", notes: list[str] = 
 
 
 def plot(cells: list[Cell], path) -> None:
-    """Digits FD and reference error vs NFE, one panel pair per grid (needs matplotlib)."""
+    """The first quality metric the cells have (digits FD, FID or FD_DINOv2) and the reference error
+    vs NFE, one panel pair per grid (needs matplotlib)."""
     try:  # an optional dependency
         import matplotlib
 
@@ -281,13 +328,16 @@ def plot(cells: list[Cell], path) -> None:
         raise ValueError("the plot needs matplotlib: pip install 'jdiffsample[eval]' "
                          "(or pass --no-plot)") from None
     untuned = [c for c in cells if c.rho_bottom == 1.0]
+    name, quality = next(((n, f) for n, f in (("digits FD", lambda c: c.fd), ("FID", lambda c: c.fid),
+                                                 ("FD_DINOv2", lambda c: c.fd_dinov2))
+                          if any(np.isfinite(f(c)) for c in cells)), ("digits FD", lambda c: c.fd))
     grids = list(dict.fromkeys(c.grid for c in untuned))
     nfes = sorted({c.nfe for c in untuned})
     fig, axes = plt.subplots(2, len(grids), figsize=(4 * len(grids), 7), squeeze=False,
                              sharey="row")
     for j, grid in enumerate(grids):
         for solver in dict.fromkeys(c.solver for c in untuned):
-            pts = sorted((c.nfe, c.fd, c.error) for c in untuned
+            pts = sorted((c.nfe, quality(c), c.error) for c in untuned
                          if c.grid == grid and c.solver == solver)
             if pts:
                 nfe, fd, err = zip(*pts)
@@ -300,7 +350,7 @@ def plot(cells: list[Cell], path) -> None:
             ax.set_xticks(nfes, [str(n) for n in nfes])
             ax.minorticks_off()
             ax.set_xlabel("NFE")
-    axes[0, 0].set_ylabel("digits FD")
+    axes[0, 0].set_ylabel(name)
     axes[1, 0].set_ylabel("RMS error vs reference")
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()

@@ -291,3 +291,34 @@ def test_bad_input(setup, capsys):
         rc, out, err = run_fid(capsys, *args)
         assert rc == 2 and out == "" and len(err) == 1, (i, rc, err)
         assert err[0].startswith("jdiffsample fid: error: ") and re.search(pattern, err[0]), (i, err)
+
+
+def test_eval_reports_fd_dinov2_of_a_real_model(setup, tmp_path):
+    """``jdiffsample eval --metric fd_dinov2`` on a converted network that is not the digits model: its
+    column is the textbook FD of each cell's images (kept with --save-samples) against the PNG folder."""
+    import csv
+
+    from jdiffsample import pipeline
+
+    folder = fixture_dir("edm_ddpmpp_vp_tiny")
+    model = tmp_path / "edm"
+    assert cli.main(["convert", "edm", str(folder / "state_dict.pt"), str(model), "--kwargs",
+                     str(folder / "config.json")]) == 0
+    out, cells = tmp_path / "eval", tmp_path / "cells"
+    assert cli.main(["eval", "--model", str(model), "--metric", "fd_dinov2", "--dinov2", str(setup["weights"]),
+                     "--ref", str(setup["tmp"] / "pngs"), "--solvers", "ddim", "--nfe", "2,3", "--grids", "logsnr",
+                     "--skip", "", "--samples", "6", "--batch", "6", "--micro-batch", "6", "--ref-steps", "2",
+                     "--no-plot", "--out", str(out), "--save-samples", str(cells)]) == 0
+    network = fid.load_dinov2(setup["weights"], batch_size=32)
+    reference = setup["features"][0]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["nfe"] for r in rows] == ["2", "3"] and all(r["fd"] == "nan" for r in rows)
+    for row in rows:
+        images, labels = pipeline.load_samples(cells / f"ddim_nfe{row['nfe']}_logsnr")
+        assert labels.tolist() == [0, 1, 2, 3, 4, 5]
+        ours, theirs = fid.image_stats(images, {"fd_dinov2": network})["fd_dinov2"], (
+            reference.mean(0), np.cov(reference, rowvar=False))
+        assert float(row["fd_dinov2"]) == pytest.approx(fid.frechet(ours, theirs), rel=1e-6)
+        assert float(row["fd_dinov2"]) == pytest.approx(textbook_fd(network(images), reference), rel=1e-3)
+    assert "FD_DINOv2" in (out / "results.md").read_text()
+    assert cli.main(["eval", "--model", str(model), "--out", str(tmp_path / "x")]) == 2  # no digits metrics here

@@ -152,7 +152,7 @@ def test_frechet_distance_of_gaussians_through_fid(tmp_path):
 
 
 def test_eval_reports_fid(networks, tmp_path):
-    """``jdiffsample eval --fid-weights``: an FID column and table, against given statistics."""
+    """``jdiffsample eval --inception``: an FID column and table, against given statistics."""
     import csv
 
     from sklearn.datasets import load_digits
@@ -165,12 +165,17 @@ def test_eval_reports_fid(networks, tmp_path):
     out = tmp_path / "eval"
     argv = ["eval", "--solvers", "ddim", "--nfe", "4", "--grids", "logsnr", "--skip", "",
             "--samples", "12", "--batch", "12", "--ref-steps", "3", "--out", str(out), "--no-plot",
-            "--fid-weights", str(path), "--fid-ref", str(tmp_path / "ref.npz")]
+            "--inception", str(path), "--ref", str(tmp_path / "ref.npz"), "--save-samples", str(tmp_path / "s")]
     assert cli.main(argv) == 0
     (row,) = list(csv.DictReader(open(out / "results.csv")))
-    assert np.isfinite(float(row["fid"])) and float(row["fid"]) > 0
+    # the column is the FID of the cell's images against the given statistics, recomputed here
+    from jdiffsample import pipeline
+
+    images, _ = pipeline.load_samples(tmp_path / "s" / "ddim_nfe4_logsnr")
+    expected = fid.fid((images.astype(np.float32) - 127.5) / 127.5, ours, fid.load_stats(tmp_path / "ref.npz"))
+    assert float(row["fid"]) > 0 and float(row["fid"]) == pytest.approx(expected, rel=1e-4)
     assert "FID, pytorch-fid's InceptionV3" in (out / "results.md").read_text()
-    assert cli.main([*argv[:-2], "--fid-ref", str(tmp_path / "absent.npz")]) == 2
+    assert cli.main([*argv[:-4], "--ref", str(tmp_path / "absent.npz"), "--overwrite"]) == 2
 
 
 def test_command_fid_equals_pytorch_fid(networks, tmp_path, capsys):

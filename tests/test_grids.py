@@ -11,6 +11,7 @@ import pytest
 import jdiffsample
 from jdiffsample import learn, optimize, schedules, testing, timesteps
 
+from _helpers import assert_within_one_level, rebuild
 from conftest import require
 
 
@@ -232,15 +233,23 @@ def test_learning_with_ld3_lowers_held_out_error(ld3_problem):
 def test_every_grid_name_samples_through_the_pipeline(tmp_path, capsys):
     """``jdiffsample sample --grid NAME`` for the model-free grids and GITS (found on the bundled
     model's trajectories); AYS and the learned grids say clearly when they do not apply."""
-    from jdiffsample import cli, grids, pipeline
+    from jdiffsample import cli, grids, nets, pipeline
 
     common = ["--model", "digits", "--num", "4", "--micro-batch", "2", "--batch", "2", "--class-labels", "1,7",
               "--quiet"]
+    model = nets.load_model("digits")
+    expected = {name: timesteps.get(name, model.schedule, 5) for name in ("logsnr", "karras", "uniform", "quadratic")}
+    expected["optimized"] = optimize.optimize_timesteps(model.schedule, 5, order=3).ts  # iPNDM-4: the bound's order 3
     for name in ("logsnr", "karras", "uniform", "quadratic", "optimized", "gits"):
         assert cli.main(["sample", *common, "--nfe", "5", "--solver", "ipndm", "--grid", name,
                          "--out", str(tmp_path / name)]) == 0, name
         settings = pipeline.read_manifest(tmp_path / name)["settings"]
         assert settings["grid"] == name and len(settings["grid_values"]) == 6
+        if name in expected:
+            np.testing.assert_allclose(settings["grid_values"], expected[name], rtol=1e-6, err_msg=name)
+        if name in ("karras", "gits"):  # the images are sampled on that grid
+            manual, _ = rebuild(model, [0, 3], seed=0, times=settings["grid_values"], solver="ipndm", labels=[1, 7])
+            assert_within_one_level(manual, pipeline.load_samples(tmp_path / name)[0][[0, 3]])
     assert cli.main(["sample", *common, "--nfe", "12", "--grid", "ays", "--out", str(tmp_path / "ays")]) == 2
     assert "no published Align Your Steps schedule spans" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs the model"):

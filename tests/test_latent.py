@@ -153,6 +153,26 @@ def test_guidance_interval_switches_guidance_by_noise_level(converted):
     assert np.abs(guided - plain).max() > 1e-3
 
 
+def test_guidance_interval_is_in_noise_levels_on_a_vp_model(converted):
+    """On DiT's discrete VP schedule sigma/alpha is not t: at t = 0.3 the interval is read in noise
+    levels (an interval holding t but not sigma/alpha leaves the conditional model; one holding
+    sigma/alpha but not t guides)."""
+    model = nets.load_model(converted / "dit")
+    t = 0.3
+    level = float(model.schedule.edm_sigma(t))
+    assert abs(level - t) > 0.1, level
+    holds_t = (t * 0.9, t * 1.1) if level > t * 1.1 or level < t * 0.9 else None
+    holds_level = (level * 0.95, level * 1.05)
+    x = jax.random.normal(jax.random.key(1), (2, *model.sample_shape))
+    labels = np.array([3, 8])
+    plain = DENOISE(model.denoiser(labels), x, t)
+    guided = DENOISE(model.denoiser(labels, guidance=4.0), x, t)
+    assert np.abs(guided - plain).max() > 1e-3
+    np.testing.assert_array_equal(DENOISE(model.denoiser(labels, guidance=4.0, interval=holds_level), x, t), guided)
+    np.testing.assert_allclose(DENOISE(model.denoiser(labels, guidance=4.0, interval=holds_t), x, t), plain,
+                               rtol=1e-5, atol=1e-5 * np.abs(plain).max())
+
+
 def test_edm2_samples_with_skip_tuning_and_an_unconditional_guide(converted, tmp_path):
     uncond = tmp_path / "uncond"
     kwargs = dict(json.loads((fixture_dir("edm2_tiny") / "config.json").read_text())["kwargs"], label_dim=0)

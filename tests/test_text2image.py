@@ -46,13 +46,14 @@ def test_same_images_as_diffusers(converted, pipelines, name, solver, scheduler,
     pipe = pipelines[name]
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    for guidance, negative in ((None, None), (5.0, NEGATIVE)):
+    for guidance, negative, rescale in ((None, None, None), (5.0, NEGATIVE, None), (5.0, NEGATIVE, 0.7)):
         with torch.no_grad():
             theirs = pipe(prompt=PROMPTS, negative_prompt=negative, guidance_scale=guidance or 1.0,
-                          num_inference_steps=6, latents=latents.clone(), output_type="np").images
+                          guidance_rescale=rescale or 0.0, num_inference_steps=6, latents=latents.clone(),
+                          output_type="np").images
         theirs = np.round(theirs * 255).astype(np.int16)
         ours = text2image.generate(converted / name, PROMPTS, negative_prompts=negative, guidance=guidance,
-                                   solver=solver, options=options, nfe=6, grid="diffusers",
+                                   guidance_rescale=rescale, solver=solver, options=options, nfe=6, grid="diffusers",
                                    latents=latents.numpy().transpose(0, 2, 3, 1))
         assert ours.shape == theirs.shape and ours.dtype == np.uint8
         assert np.abs(ours.astype(np.int16) - theirs).max() <= 2, (guidance, np.abs(ours - theirs).max())

@@ -15,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
+
 from jdiffsample import evaluate, nets, schedules
 from jdiffsample import grids as grid_methods
 from jdiffsample.solvers import registry
@@ -60,11 +62,16 @@ def add_arguments(parser) -> None:
                              "differentiates through the sampler and costs minutes per cell on a CPU")
     parser.add_argument("--learn-batch", type=int, default=64, help="noises for learned grids")
     parser.add_argument("--learn-iters", type=int, default=30, help="iterations for learned grids")
-    parser.add_argument("--fid-weights", default=None, metavar="PTH",
-                        help="pytorch-fid's InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth): "
-                             "adds FID to every cell (slow on a CPU)")
-    parser.add_argument("--fid-ref", default=None, metavar="NPZ",
-                        help="FID reference statistics (mu, sigma); default: the real digits")
+    parser.add_argument("--metric", default=None, metavar="NAME,...",
+                        help="quality metrics: digits (digits FD and accuracy: 8x8 digits networks, the default "
+                             "there), fid, fd_dinov2 (Frechet distances in InceptionV3's / DINOv2's features)")
+    parser.add_argument("--inception", default=None, metavar="PTH",
+                        help="pytorch-fid's InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth): adds FID")
+    parser.add_argument("--dinov2", default=None, metavar="PTH",
+                        help="DINOv2's released weights (dinov2_vitl14_pretrain.pth): adds FD_DINOv2")
+    parser.add_argument("--ref", default=None, metavar="REF",
+                        help="reference of the Frechet distances: statistics (.npz of mu/sigma, EDM2's .pkl), an "
+                             "ADM reference batch, a run folder or a PNG folder; default for digits: the real digits")
     parser.add_argument("--out", default="eval_results", help="output directory (written whole at the end)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder of an earlier eval")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib)")
@@ -132,11 +139,13 @@ def run(args) -> int:
         name, _ = registry.parse_spec(spec)  # validates before the slow part
         for nfe in nfes:
             registry.get(name).steps_for_nfe(nfe, zero_end=schedule.zero_end)
-    for flag, path in (("--fid-weights", args.fid_weights), ("--fid-ref", args.fid_ref)):
+    for flag, path in (("--inception", args.inception), ("--dinov2", args.dinov2)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag}: no file {path}")
-    if args.fid_ref is not None and args.fid_weights is None:
-        raise ValueError("--fid-ref needs --fid-weights")
+    if args.ref is not None and not Path(args.ref).exists():
+        raise ValueError(f"--ref: nothing at {args.ref}")
+    if args.ref is not None and args.inception is None and args.dinov2 is None:
+        raise ValueError("--ref is the reference of Frechet distances: give --inception and/or --dinov2 weights")
     out = Path(args.out)
     _check_out(out, args.overwrite)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
@@ -158,10 +167,10 @@ def _evaluate(args, out: Path, solvers, nfes, grids, skips, skip_solvers, skip_g
 
     start = time.perf_counter()
     suite = evaluate.Suite(args.model, samples=args.samples, batch=args.batch, seed=args.seed,
-                           ref_steps=args.ref_steps, learn_batch=args.learn_batch,
-                           learn_iters=args.learn_iters, inception=args.fid_weights,
-                           fid_reference=args.fid_ref, micro_batch=args.micro_batch,
-                           save_samples=args.save_samples, log=log)
+                           ref_steps=args.ref_steps, learn_batch=args.learn_batch, learn_iters=args.learn_iters,
+                           inception=args.inception, dinov2=args.dinov2, reference=args.ref,
+                           micro_batch=args.micro_batch, save_samples=args.save_samples, log=log,
+                           metrics=None if args.metric is None else _list(str)(args.metric))
     # grids found on the model's trajectories last: they are by far the slowest cells
     plan = [(s, n, g, 1.0) for s in solvers for g in grids if g not in ("gits", "learned", "ld3") for n in nfes]
     plan += [(s, n, skip_grid, r) for s in skip_solvers for r in skips for n in nfes]
@@ -172,23 +181,27 @@ def _evaluate(args, out: Path, solvers, nfes, grids, skips, skip_solvers, skip_g
     for i, (s, n, g, r) in enumerate(plan):
         cell = suite.cell(s, n, g, r)
         cells.append(cell)
-        fid_text = f" FID {cell.fid:.2f}" if args.fid_weights else ""
-        log(f"{i + 1}/{len(plan)} {cell.solver} NFE {n} {g} rho_bottom {r}: FD {cell.fd:.3f}{fid_text} "
-            f"acc {cell.accuracy:.3f} err {cell.error:.4f} ({cell.seconds:.2f} s)")
+        scores = " ".join(f"{name} {value:.3f}" for name, value in (
+            ("FD", cell.fd), ("acc", cell.accuracy), ("FID", cell.fid), ("FD_DINOv2", cell.fd_dinov2))
+            if np.isfinite(value))
+        log(f"{i + 1}/{len(plan)} {cell.solver} NFE {n} {g} rho_bottom {r}: {scores} err {cell.error:.4f} "
+            f"({cell.seconds:.2f} s)")
         evaluate.write_csv(cells, out / "results.csv")  # partial results, in the folder that replaces --out
     base = suite.baselines()
     notes = [
         f"Model `{args.model}` ({suite.path.name}), {args.samples} samples per cell (labels "
-        f"cycling 0-9), seed {args.seed}; reference: Heun, {args.ref_steps} Karras steps to "
+        f"cycling over the classes), seed {args.seed}; reference: Heun, {args.ref_steps} Karras steps to "
         f"sigma = 0 (NFE {2 * args.ref_steps - 1}), same noises.",
-        f"Digits FD of the reference samples: {base['reference_fd']:.3f} (accuracy "
-        f"{base['reference_accuracy']:.3f})"
-        + (f"; of {min(args.samples, 1797)} real digits against all 1797: "
-           f"{base['real_subset_fd']:.3f}." if "real_subset_fd" in base else "."),
         f"Total wall time of this run: {time.perf_counter() - start:.0f} s.",
     ]
-    if "reference_fid" in base:
-        notes.insert(2, f"FID of the reference samples: {base['reference_fid']:.2f}.")
+    if "reference_fd" in base:
+        notes.insert(1, f"Digits FD of the reference samples: {base['reference_fd']:.3f} (accuracy "
+                        f"{base['reference_accuracy']:.3f})" + (
+                            f"; of {min(args.samples, 1797)} real digits against all 1797: "
+                            f"{base['real_subset_fd']:.3f}." if "real_subset_fd" in base else "."))
+    for metric, name in (("fid", "FID"), ("fd_dinov2", "FD_DINOv2")):
+        if f"reference_{metric}" in base:
+            notes.insert(1, f"{name} of the reference samples: {base[f'reference_{metric}']:.2f}.")
     text = evaluate.write_markdown(cells, out / "results.md", "jdiffsample eval", notes)
     evaluate.save_grids(suite.grid_log, out / "grids.json")
     (out / "baselines.json").write_text(json.dumps(base, indent=1))

@@ -92,7 +92,8 @@ class StableDiffusion3(nn.Module):
 
     def __call__(self, x, timesteps, context, pooled, skip_layers: tuple[int, ...] = ()):
         if self.is_initializing():  # create the parameters of the parts the transformer does not use
-            self.encode_text(*example_inputs(self)[4:])
+            ids = jnp.zeros((1, self.text_encoder.max_position_embeddings), jnp.int32)
+            self.encode_text(ids, ids, jnp.zeros((1, 4), jnp.int32))
             self.vae(*vae_net.example_inputs(self.vae))
         return self.transformer(x, timesteps, context, pooled, tuple(skip_layers))
 
@@ -146,10 +147,9 @@ def build(class_name: str, kwargs: Mapping[str, Any], *, dtype: Dtype = jnp.floa
 
 
 def example_inputs(module: StableDiffusion3) -> tuple:
-    """``(x, timesteps, context, pooled, ids, ids_2, ids_3)`` for ``module.init`` (the first four are
-    the transformer's; every part is initialised)."""
-    ids = jnp.zeros((1, module.text_encoder.max_position_embeddings), jnp.int32)
-    return (*sd3_transformer.example_inputs(module.transformer), ids, ids, jnp.zeros((1, 4), jnp.int32))
+    """``(x, timesteps, context, pooled)`` for ``module.init`` (the transformer's inputs; calling it
+    while initialising initialises every part)."""
+    return sd3_transformer.example_inputs(module.transformer)
 
 
 def _check_consistent(module: StableDiffusion3) -> None:

@@ -109,10 +109,11 @@ def _freeze(value):
     return value
 
 
-def _run(arrays, x, ts, key, *, solver, static, schedule, options, return_trajectory):
+def _run(arrays, x, ts, key, params, *, solver, static, schedule, options, return_trajectory):
     denoise = combine(arrays, static)
+    learned = {} if params is None else dict(params=params)
     return registry.get(solver).fn(denoise, x, ts, schedule, key=key, return_trajectory=return_trajectory,
-                                   **dict(options))
+                                   **learned, **dict(options))
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,18 +136,24 @@ def _call(*args, **kwargs):
         return _jitted(())(*args, **kwargs)
 
 
-def sample(denoise, x, ts, schedule, solver: str = "unipc", key=None, return_trajectory: bool = False, **options):
+def sample(denoise, x, ts, schedule, solver: str = "unipc", key=None, return_trajectory: bool = False,
+           params=None, **options):
     """Sample with the named solver, jitted (one compile per solver, options, N and shapes).
 
     ``denoise``: a function ``(x, t) -> x0_hat`` or a callable pytree (its array leaves are traced
-    arguments, so other weights, labels or guidance reuse the compiled program). Returns the final
-    state, or with ``return_trajectory=True`` all N+1 states (for multistep solvers the corrected
-    state at each grid time).
+    arguments, so other weights, labels or guidance reuse the compiled program). ``params``: a
+    learnable solver's learned parameters (one pytree, traced too; None: its untrained ones).
+    Returns the final state, or with ``return_trajectory=True`` all N+1 states (for multistep
+    solvers the corrected state at each grid time).
     """
     info = registry.get(solver)
     options = info.resolve(options)
     core.validate(x, ts, schedule, key=key, needs_key=info.needs_key(options))
+    if params is not None:
+        if not info.learnable:
+            raise ValueError(f"solver {solver} has no learned parameters; only learnable solvers take params")
+        info.learned.check(params, len(ts) - 1, options)
     frozen = tuple(sorted((k, _freeze(v)) for k, v in options.items()))
     arrays, static = partition(denoise)
-    return _call(arrays, x, ts, key, solver=solver, static=static, schedule=schedule, options=frozen,
+    return _call(arrays, x, ts, key, params, solver=solver, static=static, schedule=schedule, options=frozen,
                  return_trajectory=return_trajectory)

@@ -47,7 +47,7 @@ from jdiffsample.schedules import Schedule
 
 __all__ = [
     "Plan", "moments", "node_weights", "multistep", "validate", "check_order", "normal", "safe_sqrt",
-    "resolve_tau", "lower_order_schedule",
+    "resolve_tau", "lower_order_schedule", "predictor_tables",
 ]
 
 _SERIES_TERMS = 24  # |z| < 1: the remainder z^24 / 24! is far below float64 precision
@@ -420,6 +420,16 @@ def multistep(
     if return_trajectory:
         return jnp.concatenate([traj, x_final[None]])
     return x_final
+
+
+def predictor_tables(plan: Plan, ts, schedule: Schedule, dtype):
+    """``(alpha, sigma, mult, wp)`` [N + 1], [N + 1], [N], [N, H] of a deterministic plan: the step
+    x_{k+1} = mult[k] x_k + sum_j wp[k, j] P_{k-j} (P the stored predictions), for solvers that
+    change the update itself (PAS). A final t = 0 is replaced by a finite stand-in (see
+    :func:`grid_values`); the caller handles that step."""
+    grid = _grid(ts, schedule, dtype)
+    mult, wp, _, _ = _tables(plan, schedule, grid, jnp.zeros(len(plan.pred_order), dtype))
+    return grid.alpha, jnp.exp(grid.log_sigma), mult, wp[:, : plan.history]
 
 
 def resolve_tau(tau, ts, dtype):

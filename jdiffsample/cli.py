@@ -16,7 +16,7 @@ import importlib
 import os
 import sys
 
-COMMANDS = ("sample", "steps", "eval", "convert")
+COMMANDS = ("sample", "steps", "eval", "convert", "learn")
 CACHE_ENV = "JDIFFSAMPLE_COMPILATION_CACHE"
 
 

@@ -78,7 +78,8 @@ def features(d):
 
 
 def _embed(s, layer, dtype):
-    freqs = (1.0 / 10000.0) ** (jnp.arange(_EMBED // 2, dtype=dtype) / (_EMBED // 2 - 1))
+    # computed in float32, as the authors' PositionalEmbedding does (their predictors see these values)
+    freqs = ((1.0 / 10000.0) ** (jnp.arange(_EMBED // 2, dtype=jnp.float32) / (_EMBED // 2 - 1))).astype(dtype)
     arg = s * freqs
     pos = jnp.concatenate([jnp.sin(arg), jnp.cos(arg)])
     return jax.nn.silu(pos @ layer["kernel"] + layer["bias"])

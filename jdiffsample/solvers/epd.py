@@ -64,71 +64,53 @@ def step_loop(denoise, x, ts, schedule, predict: Callable, *, afs: bool, return_
     ``step`` (traced), each ``[K]`` (per step) or ``[B, K]`` (per sample: the model is then called
     with a time per sample, ``t`` of shape [B], which the EDM networks accept). ``features``: the
     current direction d ([B, ...], zeros on an AFS step). Returns the final state or the N + 1
-    states at the grid times, in the schedule's coordinates.
+    states at the grid times, in the schedule's coordinates. The first step's AFS and a last step
+    into sigma = 0 are branches (``lax.cond``) of the one loop body, so the program holds the
+    network twice: the current point's call and the points' batched call.
     """
     dtype = x.dtype
-    ts_true = jnp.asarray(ts, dtype)
-    n_steps = ts_true.shape[0] - 1
+    n_steps = len(ts) - 1
     t_safe, lams, _, _, final_zero = core.grid_values(ts, schedule, dtype)
     levels = jnp.exp(-lams)  # s = sigma / alpha at each grid time (a final 0 replaced by a stand-in)
-    scale = schedule.alpha(ts_true).astype(dtype)
+    scale = schedule.alpha(jnp.asarray(ts, dtype)).astype(dtype)
 
     def model(x_hat, t):
         return denoise(x_hat * _expand(schedule.alpha(t).astype(dtype), x_hat.ndim), t).astype(dtype)
 
-    def direction(x_hat, k, analytic: bool):
-        s = levels[k]
-        if analytic:  # AFS: the noise direction of a data distribution small against s
-            return x_hat / jnp.sqrt(1.0 + s * s), jnp.zeros_like(x_hat), None
-        data = model(x_hat, t_safe[k])
-        d = (x_hat - data) / s
-        return d, d, data
-
-    def step(x_hat, k, analytic: bool):
+    def body(x_hat, k):
         s_cur, s_next, t_cur, lam_cur = levels[k], levels[k + 1], t_safe[k], lams[k]
-        d, features, _ = direction(x_hat, k, analytic)
-        r, c, a, w = (jnp.asarray(v, dtype) for v in predict(k, features, s_cur, s_next))
-        s_pt = s_cur * jnp.exp(r * jnp.log(s_next / s_cur))  # [K] or [B, K]
-        lam_eval = lam_cur + r * (lams[k + 1] - lam_cur) - jnp.log(a)
-        # the point's own time when it coincides with the current one (exact reductions)
-        t_eval = jnp.where((r == 0) & (a == 1), t_cur, schedule.t_from_lam(lam_eval).astype(dtype))
-        ys = x_hat[None] + _per_sample(s_pt - s_cur, x_hat.ndim) * d[None]
-        data = jax.vmap(model)(ys, jnp.moveaxis(t_eval, -1, 0))
-        ds = (ys - data) / _per_sample(s_pt, x_hat.ndim)
-        coef = _per_sample(w * c * (s_next - s_cur), x_hat.ndim)
-        return x_hat + jnp.sum(coef * ds, axis=0)
 
-    def last(x_hat, k, analytic: bool):
-        if not schedule.zero_end:
-            return step(x_hat, k, analytic)
+        def evaluate(y):
+            data = model(y, t_cur)
+            d = (y - data) / s_cur
+            return d, d, data
 
-        def to_zero(y):  # into sigma = 0: the data prediction (alpha(0) = 1)
-            d, _, data = direction(y, k, analytic)
-            return y - levels[k] * d if data is None else data
+        def analytic(y):  # AFS: the noise direction of a data distribution small against s
+            d = y / jnp.sqrt(1.0 + s_cur * s_cur)
+            return d, jnp.zeros_like(y), y - s_cur * d
 
-        return jax.lax.cond(final_zero, to_zero, lambda y: step(y, k, analytic), x_hat)
+        d, features, data = jax.lax.cond(k == 0, analytic, evaluate, x_hat) if afs else evaluate(x_hat)
 
-    x_hat = x / scale[0]
-    states = [x_hat]
-    if n_steps == 1:
-        x_hat = last(x_hat, 0, afs)
-    else:
-        x_hat = step(x_hat, 0, afs)
-        states.append(x_hat)
+        def points(_):
+            r, c, a, w = (jnp.asarray(v, dtype) for v in predict(k, features, s_cur, s_next))
+            s_pt = s_cur * jnp.exp(r * jnp.log(s_next / s_cur))  # [K] or [B, K]
+            lam_eval = lam_cur + r * (lams[k + 1] - lam_cur) - jnp.log(a)
+            # the point's own time when it coincides with the current one (exact reductions)
+            t_eval = jnp.where((r == 0) & (a == 1), t_cur, schedule.t_from_lam(lam_eval).astype(dtype))
+            ys = x_hat[None] + _per_sample(s_pt - s_cur, x_hat.ndim) * d[None]
+            ds = (ys - jax.vmap(model)(ys, jnp.moveaxis(t_eval, -1, 0))) / _per_sample(s_pt, x_hat.ndim)
+            return x_hat + jnp.sum(_per_sample(w * c * (s_next - s_cur), x_hat.ndim) * ds, axis=0)
 
-        def body(y, k):
-            y = step(y, k, False)
-            return y, (y if return_trajectory else None)
+        if schedule.zero_end:  # into sigma = 0: the data prediction (alpha(0) = 1)
+            x_next = jax.lax.cond(final_zero & (k == n_steps - 1), lambda _: data, points, None)
+        else:
+            x_next = points(None)
+        return x_next, (x_next if return_trajectory else None)
 
-        x_hat, traj = jax.lax.scan(body, x_hat, jnp.arange(1, n_steps - 1))
-        if return_trajectory:
-            states.append(traj)
-        x_hat = last(x_hat, n_steps - 1, False)
+    x_hat, traj = jax.lax.scan(body, x / scale[0], jnp.arange(n_steps))
     if not return_trajectory:
         return x_hat * scale[-1]
-    states.append(x_hat)
-    stacked = jnp.concatenate([s if s.ndim > x.ndim else s[None] for s in states])
-    return stacked * _expand(scale, x.ndim + 1)
+    return jnp.concatenate([(x / scale[0])[None], traj]) * _expand(scale, x.ndim + 1)
 
 
 def _expand(v, ndim):
@@ -252,6 +234,6 @@ def epd(
     _check(params, n_steps, options)
 
     def predict(k, features, s_cur, s_next):
-        return tuple(params[key][k] for key in _KEYS)
+        return tuple(params[key][k] for key in ("r", "scale_dir", "scale_time", "weights"))
 
     return step_loop(denoise, x, ts, schedule, predict, afs=afs, return_trajectory=return_trajectory)

@@ -211,36 +211,36 @@ def learn_solver(
         updates, opt_state = opt.update(grads, opt_state, state)
         return project(optax.apply_updates(state, updates)), opt_state, value
 
-    evaluate = jax.jit(objective, compiler_options=xla)
     evaluate_mse = jax.jit(mse_of(held_static), compiler_options=xla)
     history = []
 
-    def report(it, state):
-        train = float(evaluate(state, arrays, noise, target))
-        held = math.nan if holdout is None else float(evaluate_mse(params_of(state), held_arrays, holdout,
-                                                                   holdout_target))
-        history.append((it, train, held))
-        if verbose:
-            print(f"learn_solver: iter {it:4d}  train {loss} {train:.4e}  held-out mse {held:.4e}", flush=True)
-        if callback is not None:
-            callback(it, params_of(state), train, held)
-        return train, held
+    def held_error(state):
+        if holdout is None:
+            return math.nan
+        return float(evaluate_mse(params_of(state), held_arrays, holdout, holdout_target))
 
-    init_train, init_held = report(0, state)
-    best, best_value = state, init_train
-    opt_state = opt.init(state)
-    for it in range(1, iterations + 1):
-        new, opt_state, value = update(state, opt_state, arrays, noise, target)
-        if float(value) < best_value:  # the loss of ``state``, before this update
-            best, best_value = state, float(value)
-        state = new
+    # Each update returns the loss of the state it starts from: one more, not applied, evaluates the
+    # last state (no program of its own for the training loss).
+    # committed to the device, like the updated state: the second update then reuses the first's program
+    state, opt_state = jax.device_put((state, opt.init(state)), jax.devices()[0])
+    best, best_value = state, math.inf
+    for it in range(iterations + 1):
+        new, new_opt_state, value = update(state, opt_state, arrays, noise, target)
+        value = float(value)
+        if value < best_value:
+            best, best_value = state, value
         if it % log_every == 0 or it == iterations:
-            train, _ = report(it, state)
-            if train < best_value:
-                best, best_value = state, train
+            held = held_error(state)
+            history.append((it, value, held))
+            if verbose:
+                print(f"learn_solver: iter {it:4d}  train {loss} {value:.4e}  held-out mse {held:.4e}", flush=True)
+            if callback is not None:
+                callback(it, params_of(state), value, held)
+        state, opt_state = new, new_opt_state
     if not all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(params_of(best))):
         raise ValueError("learning diverged (non-finite parameters); lower the learning rate")
-    held = math.nan if holdout is None else float(evaluate_mse(params_of(best), held_arrays, holdout, holdout_target))
+    init_train, init_held = history[0][1:]
+    held = held_error(best)
     student = iterations * info.evaluations(n, options=options)
     calls = teacher_calls(schedule, teacher, teacher_steps, base, base_options)
     return LearnedSolver(

@@ -58,11 +58,11 @@ class LearnedSolver:
     loss: str
     teacher: str
     teacher_steps: int
-    train_error: float
-    holdout_error: float
-    init_train_error: float
-    init_holdout_error: float
     iterations: int
+    init_train_error: float
+    train_error: float
+    init_holdout_error: float
+    holdout_error: float
     history: tuple
     seconds: float
     model_calls: dict

@@ -82,6 +82,17 @@ def layer(out, prefix, lin):
     out[prefix + "_bias"] = lin.bias.detach().numpy().copy()
 
 
+def run(sampler, utils, net, latents, c, name, out, **predictor):
+    """One of their EDM-style samplers on case ``c``: its grid and every state, into ``out``."""
+    kwargs = dict(num_steps=c["num_steps"], sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, schedule_type=c["schedule_type"],
+                  schedule_rho=7, afs=c["afs"])
+    with torch.no_grad():
+        traj = sampler(net, latents, return_inters=True, **predictor, **kwargs)
+    out[name + "__t_steps"] = utils.get_schedule(c["num_steps"], SIGMA_MIN, SIGMA_MAX,
+                                                 schedule_type=c["schedule_type"], schedule_rho=7).numpy()
+    out[name + "__traj"] = nhwc(traj)
+
+
 def record_amed(path, net, latents, out):
     cases = dict(
         amed_afs=dict(num_steps=4, schedule_type="polynomial", afs=True, scale_dir=0.01, scale_time=0.2, seed=1),
@@ -98,13 +109,7 @@ def record_amed(path, net, latents, out):
                     if hasattr(pred, head):
                         getattr(pred, head).weight.mul_(3.0)
                         getattr(pred, head).bias.normal_(0.0, 0.5)
-            kwargs = dict(num_steps=c["num_steps"], sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
-                          schedule_type=c["schedule_type"], schedule_rho=7, afs=c["afs"])
-            with torch.no_grad():
-                traj = solvers.amed_sampler(net, latents, AMED_predictor=pred, return_inters=True, **kwargs)
-            out[name + "__t_steps"] = utils.get_schedule(c["num_steps"], SIGMA_MIN, SIGMA_MAX,
-                                                         schedule_type=c["schedule_type"], schedule_rho=7).numpy()
-            out[name + "__traj"] = nhwc(traj)
+            run(solvers.amed_sampler, utils, net, latents, c, name, out, AMED_predictor=pred)
             out[name + "__options"] = np.array([c["afs"], c["scale_dir"], c["scale_time"]], np.float64)
             for mine, theirs in (("map", "map_layer0"), ("enc0", "enc_layer0"), ("enc1", "enc_layer1"),
                                  ("r", "fc_r"), ("scale_dir", "fc_scale_dir"), ("scale_time", "fc_scale_time")):
@@ -125,13 +130,7 @@ def record_epd(path, net, latents, out):
             pred = networks.EPD_predictor(num_points=c["num_points"], num_steps=c["num_steps"], sampler_stu="epd",
                                           sampler_tea="heun", schedule_type=c["schedule_type"], schedule_rho=7,
                                           afs=c["afs"], scale_dir=c["scale_dir"], scale_time=c["scale_time"])
-            kwargs = dict(num_steps=c["num_steps"], sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
-                          schedule_type=c["schedule_type"], schedule_rho=7, afs=c["afs"])
-            with torch.no_grad():
-                traj = solvers.epd_sampler(net, latents, predictor=pred, return_inters=True, **kwargs)
-            out[name + "__t_steps"] = utils.get_schedule(c["num_steps"], SIGMA_MIN, SIGMA_MAX,
-                                                         schedule_type=c["schedule_type"], schedule_rho=7).numpy()
-            out[name + "__traj"] = nhwc(traj)
+            run(solvers.epd_sampler, utils, net, latents, c, name, out, predictor=pred)
             out[name + "__options"] = np.array([c["num_points"], c["afs"], c["scale_dir"], c["scale_time"]],
                                                np.float64)
             for key in ("r_params", "weight_s", "scale_dir_params", "scale_time_params"):

@@ -104,13 +104,15 @@ def digits(args, nfes):
                                   teacher_steps=args.teacher_steps, iterations=args.iters, **options)
             out = jdiffsample.sample(denoiser(n_eval), noise, ts, schedule, solver, params=result.params, **options)
             score(name, nfe, out)
-            untrained = jdiffsample.sample(denoiser(n_eval), noise, ts, schedule, solver, **options)
+            info = registry.get(solver)
+            start_params = info.learned.init(steps, info.resolve(options))  # the trained ones' program
+            untrained = jdiffsample.sample(denoiser(n_eval), noise, ts, schedule, solver, params=start_params,
+                                           **options)
             score(f"{name}, untrained", nfe, untrained)
             results["seconds"].setdefault(name, {})[nfe] = result.seconds
             results["calls"].setdefault(name, {})[nfe] = result.model_calls["total"]
             results["fit"].setdefault(name, {})[nfe] = (result.init_train_error, result.train_error,
                                                        result.init_holdout_error, result.holdout_error)
-            info = registry.get(solver)
             results["evals"].setdefault(name, {})[nfe] = (steps, info.evaluations(steps, options=options))
             print(f"digits: {name} NFE {nfe}: {steps} steps, trained in {result.seconds:.1f} s; error "
                   f"{results['error'][name][nfe]:.4f} (untrained {results['error'][name + ', untrained'][nfe]:.4f})",

@@ -141,11 +141,11 @@ def check_tree(name: str, params, shapes: dict) -> None:
 
 
 def check_range(name: str, key: str, value, lo: float, hi: float) -> None:
-    """Values of ``value`` must lie in [lo, hi] (up to 1e-9); skipped while traced."""
+    """Values of ``value`` must lie in [lo, hi] (up to 1e-6: float32 bounds); skipped while traced."""
     if isinstance(value, jax.core.Tracer):
         return
     v = np.asarray(value, np.float64)
-    if v.size and (v.min() < lo - 1e-9 or v.max() > hi + 1e-9):
+    if v.size and (v.min() < lo - 1e-6 or v.max() > hi + 1e-6):
         raise ValueError(f"{name} parameter {key} must lie in [{lo}, {hi}], got values in [{v.min():.6g}, {v.max():.6g}]")
 
 

@@ -130,7 +130,7 @@ def learn_solver(
     ``params``: the starting parameters (default the solver's ``init``, then its ``prepare``
     where it has one: PAS's step lengths from the base trajectory). ``optimizer``: any optax
     transformation (default ``optax.adam(learning_rate)``, the rate defaulting to the solver's
-    ``learned.learning_rate``); after each step the parameters are projected into their ranges.
+    ``learned.rate(options)``); after each step the parameters are projected into their ranges.
     Every ``log_every`` iterations the errors are recorded, printed with ``verbose`` and passed to
     ``callback(iteration, params, train_error, holdout_error)``. Runs in the dtype of ``noise``.
     """
@@ -202,7 +202,7 @@ def learn_solver(
         state, params_of = params, (lambda state: state)
 
     opt = optimizer if optimizer is not None else optax.adam(
-        learned.learning_rate if learning_rate is None else learning_rate)
+        learned.rate(options) if learning_rate is None else learning_rate)
     xla = xla_options.compile_options()
 
     @functools.partial(jax.jit, compiler_options=xla)

@@ -213,7 +213,7 @@ def _evaluations(o):
     "epd", label=lambda o: f"EPD-{o['points']}{'-AFS' if o['afs'] else ''}", order=2, calls_per_step=2,
     final_zero_calls=1, saved_calls=lambda o: int(o["afs"]), evaluations=_evaluations,
     learned=Learned(init=_init, neutral=_neutral, base=lambda o: ("euler", {}), check=_check, project=_project,
-                    ranges=_RANGES, learning_rate=2e-2),
+                    ranges=_RANGES, learning_rate=5e-2),
     options=[
         Option("points", int, "EPD: intermediate points per step, evaluated in parallel", low=1, high=8),
         Option("afs", bool, "analytic first step: the first direction without a model call (saves one)"),

@@ -234,7 +234,7 @@ def _label(o):
     "pas", label=_label, order=lambda o: 1 if o["base"] == "ddim" else o["order"],
     min_steps=lambda o: max(1, o["pca"] - int(o["xt"])),
     learned=Learned(init=_init, neutral=_init, base=lambda o: (o["base"], base_options(o)), check=_check,
-                    project=_project, ranges=_RANGES, prepare=_prepare, learning_rate=1e-2),
+                    project=_project, ranges=_RANGES, prepare=_prepare, learning_rate=3e-2),
     options=[
         Option("base", str, "PAS: the solver it corrects", choices=("ddim", "ipndm", "deis")),
         Option("order", int, "PAS: the base's order (iPNDM 1-4, DEIS 1-3; DDIM 1)", choices=(1, 2, 3, 4)),

@@ -132,7 +132,8 @@ class Learned:
     options)``: the parameters moved into their ranges (applied after each training step).
     ``prepare(params, denoise, x, ts, schedule, options)``: optional data-dependent start for
     training (PAS sets its step lengths from the base solver's trajectory). ``learning_rate``: the
-    default Adam step size of :func:`jdiffsample.learn_solver.learn_solver`.
+    default Adam step size of :func:`jdiffsample.learn_solver.learn_solver` (a value or a function
+    of the options).
     """
 
     init: Callable
@@ -142,7 +143,10 @@ class Learned:
     project: Callable
     ranges: str
     prepare: Callable | None = None
-    learning_rate: float = 1e-2
+    learning_rate: Any = 1e-2
+
+    def rate(self, options) -> float:
+        return float(_call(self.learning_rate, options))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -130,7 +130,9 @@ def learn_solver(
     ``params``: the starting parameters (default the solver's ``init``, then its ``prepare``
     where it has one: PAS's step lengths from the base trajectory). ``optimizer``: any optax
     transformation (default ``optax.adam(learning_rate)``, the rate defaulting to the solver's
-    ``learned.rate(options)``); after each step the parameters are projected into their ranges.
+    ``learned.rate(options)``), its steps scaled by the solver's ``learned.step_sizes`` (AMED's and
+    EPD's scales move in proportion to their bounds); after each step the parameters are projected
+    into their ranges.
     Every ``log_every`` iterations the errors are recorded, printed with ``verbose`` and passed to
     ``callback(iteration, params, train_error, holdout_error)``. Runs in the dtype of ``noise``.
     """
@@ -205,10 +207,15 @@ def learn_solver(
         learned.rate(options) if learning_rate is None else learning_rate)
     xla = xla_options.compile_options()
 
+    sizes = None if learned.step_sizes is None else learned.step_sizes(params, options)
+
     @functools.partial(jax.jit, compiler_options=xla)
     def update(state, opt_state, arrays, x, y):
         value, grads = jax.value_and_grad(objective)(state, arrays, x, y)
         updates, opt_state = opt.update(grads, opt_state, state)
+        if sizes is not None:  # the parameters' own step sizes (LD3's slack keeps the optimizer's)
+            steps = jax.tree.map(lambda u, m: u * m, params_of(updates), sizes)
+            updates = (steps, updates[1]) if loss == "ld3" else steps
         return project(optax.apply_updates(state, updates)), opt_state, value
 
     evaluate_mse = jax.jit(mse_of(held_static), compiler_options=xla)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiffsample.solvers import core
-from jdiffsample.solvers.epd import check_range, check_tree, clip_range, step_loop
+from jdiffsample.solvers.epd import bound_steps, check_range, check_tree, clip_range, step_loop
 from jdiffsample.solvers.registry import Learned, Option, register
 
 __all__ = ["amed", "features", "predictor", "per_sample_times", "network_shapes"]
@@ -177,7 +177,8 @@ _RANGES = ("form 'constant': r in [0, 1], scale_dir in [1 - scale_dir, 1 + scale
     "amed", label=lambda o: f"AMED{'-net' if o['form'] == 'network' else ''}{'-AFS' if o['afs'] else ''}", order=2,
     calls_per_step=2, final_zero_calls=1, saved_calls=lambda o: int(o["afs"]),
     learned=Learned(init=_init, neutral=_neutral, base=lambda o: ("euler", {}), check=_check, project=_project,
-                    ranges=_RANGES, learning_rate=lambda o: 3e-2 if o["form"] == "network" else 5e-2),
+                    ranges=_RANGES, learning_rate=lambda o: 3e-2 if o["form"] == "network" else 5e-2,
+                    step_sizes=lambda p, o: None if o["form"] == "network" else bound_steps(p, o)),
     options=[
         Option("form", str, "AMED: learned (r, c, a) per step, or predicted per sample by the authors' network",
                choices=("constant", "network")),

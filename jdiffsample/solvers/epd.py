@@ -42,7 +42,7 @@ import numpy as np
 from jdiffsample.solvers import core
 from jdiffsample.solvers.registry import Learned, Option, register
 
-__all__ = ["epd", "step_loop", "check_tree", "check_range", "clip_range"]
+__all__ = ["epd", "step_loop", "check_tree", "check_range", "clip_range", "bound_steps"]
 
 _KEYS = ("r", "weights", "scale_dir", "scale_time")
 
@@ -201,6 +201,12 @@ def _project(params, o):
                 scale_time=clip_range(params["scale_time"], o["scale_time"]))
 
 
+def bound_steps(params, o):
+    """Optimizer step multipliers: 1, and each scale's bound for the scales (a step of the learning
+    rate then moves a scale by that fraction of its range)."""
+    return {k: jnp.full(jnp.shape(v), o[k] if k in ("scale_dir", "scale_time") else 1.0) for k, v in params.items()}
+
+
 _RANGES = ("r in [0, 1]; weights >= 0 summing to 1 per step; scale_dir in [1 - scale_dir, 1 + scale_dir] and "
            "scale_time in [1 - scale_time, 1 + scale_time] (the options); shapes [N, points]")
 
@@ -213,7 +219,7 @@ def _evaluations(o):
     "epd", label=lambda o: f"EPD-{o['points']}{'-AFS' if o['afs'] else ''}", order=2, calls_per_step=2,
     final_zero_calls=1, saved_calls=lambda o: int(o["afs"]), evaluations=_evaluations,
     learned=Learned(init=_init, neutral=_neutral, base=lambda o: ("euler", {}), check=_check, project=_project,
-                    ranges=_RANGES, learning_rate=5e-2),
+                    ranges=_RANGES, learning_rate=5e-2, step_sizes=bound_steps),
     options=[
         Option("points", int, "EPD: intermediate points per step, evaluated in parallel", low=1, high=8),
         Option("afs", bool, "analytic first step: the first direction without a model call (saves one)"),

@@ -133,7 +133,8 @@ class Learned:
     ``prepare(params, denoise, x, ts, schedule, options)``: optional data-dependent start for
     training (PAS sets its step lengths from the base solver's trajectory). ``learning_rate``: the
     default Adam step size of :func:`jdiffsample.learn_solver.learn_solver` (a value or a function
-    of the options).
+    of the options); ``step_sizes(params, options)``: optional multipliers of the optimizer's steps
+    per leaf (parameters of a narrow range, like AMED's and EPD's scales, step in proportion to it).
     """
 
     init: Callable
@@ -144,6 +145,7 @@ class Learned:
     ranges: str
     prepare: Callable | None = None
     learning_rate: Any = 1e-2
+    step_sizes: Callable | None = None
 
     def rate(self, options) -> float:
         return float(_call(self.learning_rate, options))

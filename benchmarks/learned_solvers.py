@@ -1,6 +1,6 @@
 """AMED, EPD and PAS learned and evaluated side by side on noise they were not trained on::
 
-    python benchmarks/learned_solvers.py [--nfe 3,4,5,6,8] [--samples 1000] [--train 32] [--iters 30]
+    python benchmarks/learned_solvers.py [--nfe 3,4,5,6,8] [--samples 1000] [--train 32] [--iters 60]
                                          [--part digits,flow] [--teacher-steps 100]
 
 ``digits``: the bundled class-conditional digits model (VE, sigma 80 -> 0.002). Each learned solver
@@ -170,7 +170,7 @@ def main():
     parser.add_argument("--nfe", default="3,4,5,6,8")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--train", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--teacher-steps", type=int, default=100)
     parser.add_argument("--part", default="digits,flow")
     args = parser.parse_args()

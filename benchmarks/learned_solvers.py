@@ -137,7 +137,7 @@ def flow(args, nfes):
     noise, train, held = (mixture.sample_marginal(jax.random.key(k), n, schedule.t_max, schedule)
                           for k, n in ((0, args.samples), (1, args.train), (2, args.train)))
     reference = jdiffsample.sample(denoise, noise, timesteps.logsnr(schedule, 400), schedule, "unipc", order=3)
-    errors, seconds = {}, {}
+    errors, seconds, fit = {}, {}, {}
     for nfe in nfes:
         ts = timesteps.logsnr(schedule, nfe)
         for name, (solver, options) in {**BASELINES, "UniPC-3": ("unipc", dict(order=3))}.items():
@@ -157,12 +157,15 @@ def flow(args, nfes):
             result = learn_solver(den, schedule, solver, train, ts, holdout=held, teacher_steps=args.teacher_steps,
                                   iterations=args.iters, **options)
             seconds.setdefault(name, {})[nfe] = result.seconds
+            fit.setdefault(name, {})[nfe] = (result.train_error, result.holdout_error)
             errors.setdefault(name, {})[nfe] = rms(jdiffsample.sample(den, noise, ts, schedule, solver,
                                                                       params=result.params, **options), reference)
             print(f"flow: {name} NFE {nfe}: error {errors[name][nfe]:.4f} ({result.seconds:.1f} s)", flush=True)
     print(f"\n## Gaussian-mixture flow (RectifiedFlow(shift=3), 64-d, {args.samples} evaluation samples)")
     table("RMS error against the ODE reference (UniPC-3, 400 logSNR steps)", errors, nfes, lambda v: f"{v:.4f}")
     table("Training / grid learning: seconds", seconds, nfes, lambda v: f"{v:.1f}")
+    table("Teacher MSE after training: training noises / held-out noises", fit, nfes,
+          lambda v: f"{v[0]:.3g} / {v[1]:.3g}")
 
 
 def main():

@@ -103,7 +103,6 @@ def _problem(mixture, schedule, n=4):
     ("amed", {}, "euler", {}),
     ("amed", dict(form="network", scale_time=0.1), "euler", {}),
     ("epd", dict(points=3), "euler", {}),
-    ("pas", dict(base="ddim"), "ddim", {}),
     ("pas", dict(base="ipndm", order=4), "ipndm", dict(order=4)),
     ("pas", dict(base="deis", order=3, pca=2), "deis", dict(order=3, lower_order_final=False)),
 ], ids=str)

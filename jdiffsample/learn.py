@@ -23,7 +23,7 @@ from jdiffsample.optimize import check_min_gap, grid_lams, grid_ts, pg_run, pg_s
 from jdiffsample.schedules import Schedule, float64
 from jdiffsample.solvers import combine, core, partition, registry, sample
 
-__all__ = ["LearnResult", "learn_timesteps", "learned_loss", "ld3_loss", "ld3_radius", "teacher_solution"]
+__all__ = ["LearnResult", "learn_timesteps", "learned_loss", "ld3_loss", "ld3_radius", "teacher_solution", "unit_balls"]
 
 
 def learned_loss(ts, denoise, schedule: Schedule, solver: str, noise, target, **solver_options):
@@ -35,7 +35,7 @@ def learned_loss(ts, denoise, schedule: Schedule, solver: str, noise, target, **
     return jnp.mean(jnp.square(out - target))
 
 
-def _unit_balls(u):
+def unit_balls(u):
     """Each sample of ``u`` (leading axis) projected onto the unit L2 ball."""
     norm = core.safe_sqrt(jnp.sum(jnp.square(u), axis=tuple(range(1, u.ndim)), keepdims=True))
     return u / jnp.maximum(norm, 1.0)
@@ -62,7 +62,7 @@ def ld3_loss(ts, slack, denoise, schedule: Schedule, solver: str, noise, target,
     The distance is the squared L2 one (the paper's image experiments use LPIPS). Differentiable in
     ``ts`` and ``slack``.
     """
-    start = noise + radius * _unit_balls(slack).astype(noise.dtype)
+    start = noise + radius * unit_balls(slack).astype(noise.dtype)
     return learned_loss(ts, denoise, schedule, solver, start, target, **solver_options)
 
 
@@ -117,7 +117,7 @@ def learn_timesteps(
     """Learn the interior times of ``ts_init`` by minimizing ``learned_loss`` against a teacher.
 
     ``noise`` [B, ...]: starting states at ``ts_init[0]``; ``holdout``: more starting states, never
-    trained on, whose error shows overfitting. The teacher (``_teacher``: the same solver on
+    trained on, whose error shows overfitting. The teacher (``teacher_solution``: the same solver on
     ``teacher_steps`` logSNR steps, or ``teacher='heun'``) is computed once for both batches.
 
     The grid is parameterized by its lambda gaps, kept >= ``min_gap`` and summing to the span
@@ -181,7 +181,7 @@ def learn_timesteps(
                             **solver_options)
 
         def projection(params):
-            return project_simplex(params[0], budget), _unit_balls(params[1])
+            return project_simplex(params[0], budget), unit_balls(params[1])
 
         params = (free, jnp.zeros_like(noise))
         gaps_of = lambda params: params[0]  # noqa: E731

@@ -260,26 +260,27 @@ def assert_skips_scaled(inputs_of, scales: dict) -> None:
             np.testing.assert_array_equal(tuned[0][..., :-c], base[0][..., :-c])
 
 
-def rebuild(model, indices, *, seed, times, solver, labels=None, options=None, **denoiser_options):
+def rebuild(model, indices, *, seed, times, solver, labels=None, options=None, params=None, **denoiser_options):
     """uint8 images of sample ``indices`` rebuilt by hand from their documented randomness, for
     checking what the pipeline writes: sample i's starting noise from ``fold_in(k_i, 0)`` (times
     the schedule's prior standard deviation at the first time), its solver noise from
     ``fold_in(k_i, 2)``, k_i = fold_in(key(seed), i); ``labels`` given (or drawn from
     ``fold_in(k_i, 1)`` when ``"random"``); the model's denoiser with ``denoiser_options``, the
-    solver with ``options`` on ``times``, EDM's quantization. Returns ``(images, labels)``."""
+    solver with ``options`` (and learned ``params``) on ``times``, EDM's quantization. Returns
+    ``(images, labels)``."""
     import jax.numpy as jnp
 
     import jdiffsample
 
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.asarray(indices))
     sub = lambda k: jax.vmap(jax.random.fold_in, (0, None))(keys, k)  # noqa: E731
-    noise = jax.vmap(lambda k: jax.random.normal(k, model.sample_shape))(sub(0))
+    noise = jax.vmap(lambda k: jax.random.normal(k, model.sample_shape, jnp.float32))(sub(0))
     x = noise * model.schedule.prior_std(jnp.float32(times[0]))
     if isinstance(labels, str) and labels == "random":
         labels = jax.vmap(lambda k: jax.random.randint(k, (), 0, model.num_classes, jnp.int32))(sub(1))
     denoise = model.denoiser(None if labels is None else np.asarray(labels), **denoiser_options)
     out = jdiffsample.sample(denoise, x, jnp.asarray(times, jnp.float32), model.schedule, solver, key=sub(2),
-                             **(options or {}))
+                             params=params, **(options or {}))
     images = np.asarray(jnp.clip(jnp.floor(out * 127.5 + 128.0), 0, 255).astype(jnp.uint8))
     return images, None if labels is None else np.asarray(labels)
 

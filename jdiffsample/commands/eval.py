@@ -136,9 +136,9 @@ def run(args) -> int:
     if "ays" in grids:
         grid_methods.ays_model(schedule)  # a model whose noise range has a published grid
     for spec in {*solvers, *skip_solvers, *learned_solvers}:
-        name, _ = registry.parse_spec(spec)  # validates before the slow part
+        name, options = registry.parse_spec(spec)  # validates before the slow part
         for nfe in nfes:
-            registry.get(name).steps_for_nfe(nfe, zero_end=schedule.zero_end)
+            registry.get(name).steps_for_nfe(nfe, zero_end=schedule.zero_end, options=options)
     for flag, path in (("--inception", args.inception), ("--dinov2", args.dinov2)):
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag}: no file {path}")

@@ -99,7 +99,7 @@ def run(args) -> int:
     options = _solver_flags.options(args, args.solver)
     order = solver.bound_order(options)
     schedule = schedules.get(args.schedule)
-    n_steps, final_zero = solver.steps_for_nfe(args.nfe, zero_end=schedule.zero_end)
+    n_steps, final_zero = solver.steps_for_nfe(args.nfe, zero_end=schedule.zero_end, options=options)
     if final_zero:
         raise ValueError(f"--nfe {args.nfe} needs a last step into sigma = 0 for {args.solver}; pick an NFE that is "
                          f"a multiple of its {solver.calls_per_step} model calls per step")

@@ -12,6 +12,7 @@ check against the model done first. A plan is a value: ``print(plan.describe())`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiffsample import grids
+from jdiffsample import grids, solver_params
 from jdiffsample import skip_tuning as skip
 from jdiffsample.nets import Denoiser, Model, latent
 from jdiffsample.nets import model as model_io
@@ -112,6 +113,9 @@ class Plan:
             label = registry.get(s.solver).label(dict(s.options))
             lines.append(f"  solver: {label} ({s.solver}: {', '.join(f'{k}={v}' for k, v in s.options) or 'no options'}), "
                          f"NFE {s.nfe} = {s.n_steps} steps")
+            if registry.get(s.solver).learnable:
+                learned = self.paths.get("solver_params") if s.index == 1 else None
+                lines.append(f"  learned parameters: {learned or 'none (the untrained ones)'}")
             times = ", ".join(f"{t:.4g}" for t in s.ts)
             lines.append(f"  grid: {s.grid}: {times}")
             chain = s.denoiser.guidance
@@ -284,11 +288,11 @@ def _grid(model: Model, digest: str, s: Settings, info, options: dict, pixels, k
     """``(name, times)`` of the grid the settings name (or their explicit times). ``warmup()`` gives
     the denoiser and noises of grids found on the model's trajectories."""
     schedule = model.schedule
-    n_steps, final_zero = info.steps_for_nfe(s.nfe, zero_end=schedule.zero_end)
+    n_steps, final_zero = info.steps_for_nfe(s.nfe, zero_end=schedule.zero_end, options=options)
     if not isinstance(s.grid, str):
         ts = np.asarray(s.grid, np.float64)
         first_noise = bool(schedule.noise_start and ts[0] >= 1.0)
-        n_steps, _ = info.steps_for_nfe(s.nfe, zero_end=schedule.zero_end, first_noise=first_noise)
+        n_steps, _ = info.steps_for_nfe(s.nfe, zero_end=schedule.zero_end, first_noise=first_noise, options=options)
         if len(ts) != n_steps + 1:
             raise ValueError(f"explicit grid times must be {n_steps + 1} for NFE {s.nfe} ({n_steps} steps of "
                              f"{info.name}), got {len(ts)}")
@@ -303,7 +307,7 @@ def _grid(model: Model, digest: str, s: Settings, info, options: dict, pixels, k
         size = pixels if pixels is not None else (None, None)
         ts = np.asarray(own[s.grid](model, n_steps, *size), np.float64)
         if schedule.noise_start and ts[0] >= 1.0:  # from pure noise: a first-order first step may cost less
-            steps, _ = info.steps_for_nfe(s.nfe, zero_end=schedule.zero_end, first_noise=True)
+            steps, _ = info.steps_for_nfe(s.nfe, zero_end=schedule.zero_end, first_noise=True, options=options)
             if steps != n_steps:
                 ts = np.asarray(own[s.grid](model, steps, *size), np.float64)
         schedule.check_times(ts)
@@ -329,6 +333,37 @@ def _grid(model: Model, digest: str, s: Settings, info, options: dict, pixels, k
     return s.grid, (np.append(ts, 0.0) if final_zero else ts)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LearnedFile:
+    path: str
+    options: dict
+    record: dict  # what the run records of it (the file's SHA-256 and what it was trained for)
+
+
+def _learned_file(info, s: Settings):
+    """The learned solver's parameter file of the settings, read and checked against them (None
+    without one). Its options are the ones to sample with; options given as well must agree."""
+    if s.solver_params is None:
+        return None
+    if not info.learnable:
+        learnable = sorted(n for n in registry.names() if registry.get(n).learnable)
+        raise ValueError(f"--solver {info.name} takes no learned parameters (--solver-params); learnable solvers: "
+                         f"{', '.join(learnable)}")
+    path = str(s.solver_params)
+    f = solver_params.read(path)
+    if f.solver != info.name:
+        raise ValueError(f"--solver-params {path} holds parameters of {f.solver}, not of --solver {info.name}")
+    trained = info.resolve(f.options)
+    given = dict(s.options)
+    differ = sorted(k for k, v in info.resolve({**trained, **given}).items() if trained[k] != v)
+    if differ:
+        raise ValueError(f"--solver-params {path} was trained with {', '.join(f'{k}={trained[k]!r}' for k in differ)}; "
+                         f"leave these solver options out or give the same values")
+    with open(path, "rb") as fh:
+        sha = hashlib.sha256(fh.read()).hexdigest()
+    return _LearnedFile(path, trained, dict(sha256=sha, solver=f.solver, nfe=f.nfe, n_steps=f.n_steps))
+
+
 def _options(info, options) -> tuple:
     """The solver's resolved options as sorted pairs of JSON values (functions are refused)."""
     resolved = info.resolve(dict(options))
@@ -348,12 +383,13 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
     """One stage and its record (see :func:`plan`)."""
     spec = model.sampling
     info = registry.get(s.solver)
-    options = _options(info, s.options)
+    learned_file = _learned_file(info, s)
+    options = _options(info, s.options if learned_file is None else learned_file.options)
     needs = spec.conditioning(model.module)
     if needs and spec.encode_prompts is None and index == 1:
         raise ValueError(f"this {model.family} model is conditioned on {', '.join(needs)}: use it as the "
                          f"upsampler of a first-stage model (--model BASE --upsampler DIR)")
-    info.steps_for_nfe(s.nfe, zero_end=model.schedule.zero_end)  # an NFE the solver can spend
+    info.steps_for_nfe(s.nfe, zero_end=model.schedule.zero_end, options=dict(options))  # an NFE it can spend
     labels = _check_labels(labels, model.num_classes) if index == 1 else labels
     sample_shape, pixels = _sample_shape(model, s.height, s.width)
     if spec.schedule_at is not None and pixels is not None:  # a schedule that depends on the image size
@@ -370,11 +406,14 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
         raise ValueError("a guide network (--guide-model) needs a guidance weight (--guidance)")
     if s.guidance_interval is not None and s.guidance is None:
         raise ValueError("a guidance interval needs a guidance weight (--guidance)")
-    if s.solver_params is not None:
-        raise ValueError(f"solver {s.solver} takes no learned parameters (--solver-params)")
+    params = None
+    if learned_file is not None:
+        params = solver_params.load_params(learned_file.path, digest, s.solver, s.nfe, model.schedule)
     decoder, vae_record, vae_path = _decoder(model, s, path)
-    models = dict(model=_record(model, digest))
-    paths = dict(model=path)
+    models, paths = dict(model=_record(model, digest)), dict(model=path)
+    if learned_file is not None:
+        models["solver_params"] = learned_file.record
+        paths["solver_params"] = learned_file.path
 
     base = model if s.skip_tuning is None else model.with_variables(skip.apply(model.variables,
                                                                                rho_bottom=s.skip_tuning))
@@ -413,6 +452,9 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
     grid_name, ts = _grid(model, digest, s, info, dict(options), pixels, known_grid,
                           lambda: _warmup(denoiser, s, sample_shape, cond, uncond))
     n_steps = len(ts) - 1
+    if not info.noise_start and model.schedule.noise_start and ts[0] >= 1:
+        raise ValueError(f"--solver {s.solver} cannot start from pure noise, and the {grid_name} grid starts at t = 1 "
+                         f"on this {model.family} model: give explicit --grid times starting below 1")
     init = None
     if init_images is not None:
         ts, init = _image_to_image(base, init_images, strength, ts, sample_shape)
@@ -421,7 +463,8 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
                   n_steps=n_steps, grid=grid_name, ts=np.asarray(ts, np.float64), seed=s.seed,
                   sample_shape=tuple(sample_shape), image_shape=tuple(image_shape), decoder=decoder,
                   latents_only=s.latents_only, labels=labels, random_labels=labels == "random" and index == 1,
-                  n_classes=model.num_classes, cond=cond, uncond=uncond, init=init, low_res_shape=low_res_shape)
+                  n_classes=model.num_classes, cond=cond, uncond=uncond, init=init, low_res_shape=low_res_shape,
+                  solver_params=params)
     record = dict(n_steps=n_steps, grid_name=grid_name, grid_values=[float(t) for t in stage.ts],
                   sample_shape=list(sample_shape), image_shape=list(image_shape),
                   pixels=None if pixels is None else list(pixels),
@@ -479,7 +522,7 @@ def plan(model, settings: Settings, *, num: int, known_grid=None, init_images=No
         up_settings = s.replace(nfe=s.upsampler_nfe or s.nfe, grid=grid, guidance=None, guide=None,
                                 guidance_interval=None, guidance_rescale=None, classifier=None, classifier_scale=None,
                                 threshold=None, skip_tuning=None, vae=None, upsampler=None, upsampler_nfe=None,
-                                class_labels=None)
+                                class_labels=None, solver_params=None)
         up_labels = None if not up.num_classes else "random"
         second, up_record, _ = _stage(2, up, up_path, up_digest, up_settings, micro_batch=micro_batch,
                                       labels=up_labels, low_res_shape=first.image_shape)

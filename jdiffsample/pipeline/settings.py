@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -276,6 +277,17 @@ def _check_model(name):
     return check
 
 
+def _check_file(value):
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if not os.path.isfile(path):
+            raise ValueError(f"--solver-params: no file {path} (write one with 'jdiffsample learn')")
+        return path
+    raise ValueError(f"--solver-params must be the path of a parameter file, got {type(value).__name__}")
+
+
 def _check_bool(name):
     def check(value):
         if not isinstance(value, (bool, np.bool_)):
@@ -318,7 +330,7 @@ class Settings:
     skip_tuning: Any = setting(None, "Skip-Tuning: scale of the deepest skip, rho_bottom (rho_top = 1), e.g. 0.8",
                                check=_number("skip_tuning", positive=True), metavar="RHO_BOTTOM", kind=float)
     solver_params: Any = setting(None, "learned solvers: the parameter file of 'jdiffsample learn'",
-                                 metavar="FILE", check=_check_model("solver_params"))
+                                 metavar="FILE", check=_check_file)
     learn_iters: int = setting(30, "learned grids (--grid learned, ld3): optimizer iterations",
                                check=_positive_int("learn_iters"), metavar="N", group="grids found on the model", kind=int)
     learn_batch: int = setting(64, "grids found on the model (gits, learned, ld3): warm-up noises",

@@ -23,7 +23,7 @@ import numpy as np
 from jdiffsample import xla_options
 from jdiffsample.solvers import core, registry
 # The modules that define and register the solvers (a new solver: one module, and its name here).
-from jdiffsample.solvers import ddim, deis, dpmpp, heun, ipndm, sa_solver, unipc  # noqa: F401
+from jdiffsample.solvers import amed, ddim, deis, dpmpp, epd, heun, ipndm, pas, sa_solver, unipc  # noqa: F401
 from jdiffsample.solvers.registry import Option, get, register
 
 __all__ = ["sample", "register", "get", "names", "partition", "combine", "Option", "SOLVERS"]
@@ -102,10 +102,11 @@ def _freeze(value):
     return value
 
 
-def _run(arrays, x, ts, key, *, solver, static, schedule, options, return_trajectory):
+def _run(arrays, x, ts, key, params, *, solver, static, schedule, options, return_trajectory):
     denoise = combine(arrays, static)
+    learned = {} if params is None else dict(params=params)
     out = registry.get(solver).fn(denoise, x, ts, schedule, key=key, return_trajectory=return_trajectory,
-                                  **dict(options))
+                                  **learned, **dict(options))
     # A grid that is not strictly decreasing cannot be refused when it is traced (inside a caller's
     # jit): the result is NaN instead of a silently wrong sample.
     return jnp.where(jnp.all(jnp.diff(ts) < 0), out, jnp.nan)
@@ -128,19 +129,26 @@ def _traced(*trees) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
-def sample(denoise, x, ts, schedule, solver: str = "unipc", key=None, return_trajectory: bool = False, **options):
+def sample(denoise, x, ts, schedule, solver: str = "unipc", key=None, return_trajectory: bool = False,
+           params=None, **options):
     """Sample with the named solver, jitted (one compile per solver, options, N and shapes).
 
     ``denoise``: a function ``(x, t) -> x0_hat`` or a callable pytree (its array leaves are traced
-    arguments, so other weights, labels or guidance reuse the compiled program). Returns the final
-    state, or with ``return_trajectory=True`` all N+1 states (for multistep solvers the corrected
-    state at each grid time).
+    arguments, so other weights, labels or guidance reuse the compiled program). ``params``: a
+    learnable solver's learned parameters (one pytree, traced too; None: its untrained ones).
+    Returns the final state, or with ``return_trajectory=True`` all N+1 states (for multistep
+    solvers the corrected state at each grid time).
     """
     info = registry.get(solver)
     options = info.resolve(options)
-    core.validate(x, ts, schedule, key=key, needs_key=info.needs_key(options))
+    core.validate(x, ts, schedule, key=key, needs_key=info.needs_key(options), min_steps=info.min_steps(options),
+                  noise_start=info.noise_start)
+    if params is not None:
+        if not info.learnable:
+            raise ValueError(f"solver {solver} has no learned parameters; only learnable solvers take params")
+        info.learned.check(params, len(ts) - 1, options)
     frozen = tuple(sorted((k, _freeze(v)) for k, v in options.items()))
     arrays, static = partition(denoise)
-    program = _jitted(()) if _traced(arrays, x, ts, key) else _program()
-    return program(arrays, x, ts, key, solver=solver, static=static, schedule=schedule, options=frozen,
+    program = _jitted(()) if _traced(arrays, x, ts, key, params) else _program()
+    return program(arrays, x, ts, key, params, solver=solver, static=static, schedule=schedule, options=frozen,
                    return_trajectory=return_trajectory)

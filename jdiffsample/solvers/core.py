@@ -58,7 +58,7 @@ from jdiffsample.schedules import Schedule
 
 __all__ = [
     "Plan", "moments", "node_weights", "multistep", "validate", "check_order", "normal", "safe_sqrt",
-    "resolve_tau", "lower_order_schedule",
+    "resolve_tau", "lower_order_schedule", "predictor_tables",
 ]
 
 _SERIES_TERMS = 24  # |z| < 1: the remainder z^24 / 24! is far below float64 precision
@@ -335,8 +335,10 @@ def _concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
-def validate(x, ts, schedule: Schedule, *, key=None, needs_key: bool = False, min_steps: int = 1):
-    """Check a sampling call; raises ``ValueError`` with what was wrong and what is allowed."""
+def validate(x, ts, schedule: Schedule, *, key=None, needs_key: bool = False, min_steps: int = 1,
+             noise_start: bool = True):
+    """Check a sampling call; raises ``ValueError`` with what was wrong and what is allowed.
+    ``noise_start=False``: the solver cannot start at alpha = 0 (t = 1 on a flow schedule)."""
     if not isinstance(schedule, Schedule):
         raise ValueError(f"schedule must be a jdiffsample.schedules.Schedule, got {type(schedule).__name__}")
     if jnp.ndim(x) < 1:
@@ -355,6 +357,9 @@ def validate(x, ts, schedule: Schedule, *, key=None, needs_key: bool = False, mi
         if not np.all(np.diff(t) < 0):
             raise ValueError(f"ts must be strictly decreasing (from noise to data), got {t}")
         schedule.check_times(t)
+        if not noise_start and schedule.noise_start and t[0] >= 1:
+            raise ValueError(f"this solver cannot start from pure noise (t = {t[0]:g}, alpha = 0): start the grid "
+                             f"below t = 1, e.g. at the schedule's t_max = {schedule.t_max:g}")
     if needs_key and key is None:
         raise ValueError("this solver is stochastic with these options: pass key=jax.random.key(seed)")
     if key is not None and _concrete(key) and _is_batched_key(key) and key.shape[0] != jnp.shape(x)[0]:
@@ -504,6 +509,16 @@ def multistep(
     if return_trajectory:
         return jnp.concatenate([traj, x_final[None]])
     return x_final
+
+
+def predictor_tables(plan: Plan, ts, schedule: Schedule, dtype):
+    """``(alpha, sigma, mult, wp)`` [N + 1], [N + 1], [N], [N, H] of a deterministic plan: the step
+    x_{k+1} = mult[k] x_k + sum_j wp[k, j] P_{k-j} (P the stored predictions), for solvers that
+    change the update itself (PAS). A final t = 0 is replaced by a finite stand-in (see
+    :func:`grid_values`); the caller handles that step."""
+    grid = grid_values(ts, schedule, dtype)
+    mult, wp, _, _, _ = _tables(plan, schedule, grid, jnp.zeros(len(plan.pred_order), dtype))
+    return grid.alpha, jnp.exp(grid.log_sigma), mult, wp[:, : plan.history]
 
 
 def resolve_tau(tau, ts, dtype):

@@ -23,9 +23,9 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-__all__ = ["Option", "Solver", "register", "get", "names", "flags", "parse_spec", "split_specs"]
+__all__ = ["Option", "Learned", "Solver", "register", "get", "names", "flags", "parse_spec", "split_specs"]
 
-_RESERVED = ("denoise", "x", "ts", "schedule", "key", "return_trajectory")
+_RESERVED = ("denoise", "x", "ts", "schedule", "key", "return_trajectory", "params")
 _KINDS = (int, float, bool, str, tuple)
 
 
@@ -119,6 +119,38 @@ def _call(rule, options):
 
 
 @dataclasses.dataclass(frozen=True)
+class Learned:
+    """What makes a solver learnable: its learned parameters are ONE pytree of arrays, passed as the
+    solver's ``params`` keyword (a traced argument of the compiled program: new values never
+    recompile). Every function takes the resolved options; ``n_steps`` is the grid's step count.
+
+    ``init(n_steps, options)``: the untrained parameters (what the solver uses when given none).
+    ``neutral(n_steps, options)``: parameters that reduce it exactly to ``base(options)``, a
+    ``(solver name, options)`` pair. ``check(params, n_steps, options)``: ``ValueError`` naming what
+    is wrong (structure, shapes, a value outside ``ranges``, the ranges in words). ``project(params,
+    options)``: the parameters moved into their ranges (applied after each training step).
+    ``prepare(params, denoise, x, ts, schedule, options)``: optional data-dependent start for
+    training (PAS sets its step lengths from the base solver's trajectory). ``learning_rate``: the
+    default Adam step size of :func:`jdiffsample.learn_solver.learn_solver` (a value or a function
+    of the options); ``step_sizes(params, options)``: optional multipliers of the optimizer's steps
+    per leaf (parameters of a narrow range, like AMED's and EPD's scales, step in proportion to it).
+    """
+
+    init: Callable
+    neutral: Callable
+    base: Callable
+    check: Callable
+    project: Callable
+    ranges: str
+    prepare: Callable | None = None
+    learning_rate: Any = 1e-2
+    step_sizes: Callable | None = None
+
+    def rate(self, options) -> float:
+        return float(_call(self.learning_rate, options))
+
+
+@dataclasses.dataclass(frozen=True)
 class Solver:
     """A registered solver. Rules that depend on the options take the resolved option dict."""
 
@@ -132,6 +164,16 @@ class Solver:
     final_zero_calls: int | None = None  # calls of a last step into sigma = 0 or a first from alpha = 0, if fewer
     ode_options: tuple = ()        # options that make a stochastic solver deterministic
     doc: str = ""
+    learned: Learned | None = None  # learnable solvers: how their parameters are made and checked
+    saved_calls_rule: Any = 0      # int or options -> int: calls saved in all (AMED's analytic first step)
+    evaluations_rule: Any = None   # int or options -> int: network evaluations per step, parallel ones
+    #                                counted apart (EPD); None: calls_per_step
+    min_steps_rule: Any = 1        # int or options -> int: fewest steps the method needs
+    noise_start: bool = True       # can start at alpha = 0 (t = 1 on a flow schedule)
+
+    @property
+    def learnable(self) -> bool:
+        return self.learned is not None
 
     @property
     def option_names(self) -> tuple:
@@ -169,16 +211,33 @@ class Solver:
         """``options`` with the stochasticity switched off (for learning grids, references)."""
         return self.resolve({**dict(options or {}), **dict(self.ode_options)})
 
-    def nfe(self, n_steps: int, final_zero: bool = False, first_noise: bool = False) -> int:
+    def nfe(self, n_steps: int, final_zero: bool = False, first_noise: bool = False,
+            options: Mapping | None = None) -> int:
         """Model calls for a grid of ``n_steps`` steps (ending at sigma = 0 with ``final_zero``, starting
-        at alpha = 0, t = 1 on a flow, with ``first_noise``: steps that may cost fewer calls)."""
+        at alpha = 0, t = 1 on a flow, with ``first_noise``: steps that may cost fewer calls), in
+        sequence: parallel evaluations of one step (EPD's) count once (see :meth:`evaluations`)."""
         ends = int(bool(final_zero)) + int(bool(first_noise))
         if self.final_zero_calls is None or ends == 0:
-            return self.calls_per_step * n_steps
+            return self.calls_per_step * n_steps - self._saved(options)
         ends = min(ends, n_steps)
-        return self.calls_per_step * (n_steps - ends) + self.final_zero_calls * ends
+        return self.calls_per_step * (n_steps - ends) + self.final_zero_calls * ends - self._saved(options)
 
-    def steps_for_nfe(self, nfe: int, *, zero_end: bool, first_noise: bool = False) -> tuple[int, bool]:
+    def _saved(self, options) -> int:
+        return int(_call(self.saved_calls_rule, self.resolve(options))) if self.saved_calls_rule else 0
+
+    def min_steps(self, options: Mapping | None = None) -> int:
+        return int(_call(self.min_steps_rule, self.resolve(options)))
+
+    def evaluations(self, n_steps: int, final_zero: bool = False, options: Mapping | None = None) -> int:
+        """Network evaluations in all, the parallel ones of a step counted one by one."""
+        if self.evaluations_rule is None:
+            return self.nfe(n_steps, final_zero, options=options)
+        per = int(_call(self.evaluations_rule, self.resolve(options)))
+        last = self.final_zero_calls if (final_zero and self.final_zero_calls is not None) else per
+        return per * (n_steps - 1) + last - self._saved(options)
+
+    def steps_for_nfe(self, nfe: int, *, zero_end: bool, first_noise: bool = False,
+                      options: Mapping | None = None) -> tuple[int, bool]:
         """``(n_steps, final_zero)``: the grid that costs exactly ``nfe`` model calls.
 
         ``final_zero``: the grid ends with an extra step into sigma = 0 (schedules with
@@ -189,22 +248,36 @@ class Solver:
         if isinstance(nfe, (bool, np.bool_)) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
             raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
         per, last = self.calls_per_step, self.final_zero_calls
+        found = None
         for final_zero in (False, True) if zero_end else (False,):
             n = 2 if final_zero else 1  # a last step into sigma = 0 follows at least one ordinary step
-            while self.nfe(n, final_zero, first_noise) < nfe:
+            while self.nfe(n, final_zero, first_noise, options) < nfe:
                 n += 1
-            if self.nfe(n, final_zero, first_noise) == nfe:
-                return n, final_zero
-        hint = (f", or {per} k + {last} (k >= 1) on a schedule that can end at sigma = 0" if last is not None else "")
-        raise ValueError(f"{self.name} makes {per} model calls per step: the NFE (--nfe) must be a positive multiple "
-                         f"of {per}{hint}, got {nfe}")
+            if self.nfe(n, final_zero, first_noise, options) == nfe:
+                found = n, final_zero
+                break
+        if found is None:
+            saved = self._saved(options)
+            rest = "" if last is None else f" {'+' if last >= saved else '-'} {abs(last - saved)}" * (last != saved)
+            hint = (f", or {per} k{rest} (k >= 1) on a schedule that can end at sigma = 0"
+                    if last is not None and not zero_end else "")
+            spent = f" and saves {saved} in all with these options" if saved else ""
+            raise ValueError(f"{self.name} makes {per} model calls per step{spent}: the NFE (--nfe) must be a positive "
+                             f"multiple of {per}{f' minus {saved}' if saved else ''}{hint}, got {nfe}")
+        fewest = self.min_steps(options)
+        if found[0] < fewest:
+            raise ValueError(f"{self.name} with these options needs at least {fewest} steps (NFE >= "
+                             f"{self.nfe(fewest, False, options=options)}), got NFE {nfe}")
+        return found
 
 
 _REGISTRY: dict[str, Solver] = {}
 
 
 def register(name: str, fn: Callable | None = None, *, options=(), label=None, order=1, needs_key=False,
-             calls_per_step: int = 1, final_zero_calls: int | None = None, ode_options=None):
+             calls_per_step: int = 1, final_zero_calls: int | None = None, ode_options=None,
+             learned: Learned | None = None, saved_calls=0, evaluations=None, min_steps=1,
+             noise_start: bool = True):
     """Register solver ``fn`` under ``name`` (usable as a decorator when ``fn`` is omitted).
 
     ``fn(denoise, x, ts, schedule, *, <options>, key=None, return_trajectory=False)`` runs the whole
@@ -215,18 +288,28 @@ def register(name: str, fn: Callable | None = None, *, options=(), label=None, o
     alpha = 0) when fewer.
     ``ode_options``: options that make a stochastic solver deterministic.
 
+    Learnable solvers (``learned``: a :class:`Learned` record) take their parameters as the keyword
+    ``params`` (one pytree; ``None``: the untrained ``learned.init``). ``saved_calls``: model calls
+    saved in all (an analytic first step), ``evaluations``: network evaluations per step when some
+    run in parallel within a step (``calls_per_step`` then counts them once), ``min_steps``: the
+    fewest steps the method needs; each a value or a function of the resolved options.
+    ``noise_start=False``: the method cannot start at alpha = 0 (a flow schedule's t = 1).
+
     Returns ``fn`` wrapped so that its options are checked (``ValueError``) on every call.
     """
     if fn is None:
         return lambda f: register(name, f, options=options, label=label, order=order, needs_key=needs_key,
                                   calls_per_step=calls_per_step, final_zero_calls=final_zero_calls,
-                                  ode_options=ode_options)
+                                  ode_options=ode_options, learned=learned, saved_calls=saved_calls,
+                                  evaluations=evaluations, min_steps=min_steps, noise_start=noise_start)
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a solver name must be an identifier, got {name!r}")
     if isinstance(calls_per_step, bool) or not isinstance(calls_per_step, int) or calls_per_step < 1:
         raise ValueError(f"calls_per_step must be a positive integer, got {calls_per_step!r}")
     params = inspect.signature(fn).parameters
     missing = [p for p in ("denoise", "x", "ts", "schedule", "key", "return_trajectory") if p not in params]
+    if learned is not None and "params" not in params:
+        missing.append("params")
     if missing:
         raise ValueError(f"solver {name}: the function must take {', '.join(missing)}")
     declared = {o.name for o in options}
@@ -241,14 +324,22 @@ def register(name: str, fn: Callable | None = None, *, options=(), label=None, o
             raise ValueError(f"solver {name}: option {o.name} needs a default in the function signature")
 
     @functools.wraps(fn)
-    def checked(denoise, x, ts, schedule, *, key=None, return_trajectory=False, **kwargs):
-        return fn(denoise, x, ts, schedule, key=key, return_trajectory=return_trajectory,
-                  **_REGISTRY[name].resolve(kwargs))
+    def checked(denoise, x, ts, schedule, *, key=None, return_trajectory=False, params=None, **kwargs):
+        info = _REGISTRY[name]
+        options = info.resolve(kwargs)
+        if info.learned is None:
+            if params is not None:
+                raise ValueError(f"solver {name} has no learned parameters (learnable solvers: "
+                                 f"{', '.join(n for n, s in _REGISTRY.items() if s.learnable) or 'none'})")
+            return fn(denoise, x, ts, schedule, key=key, return_trajectory=return_trajectory, **options)
+        return fn(denoise, x, ts, schedule, key=key, return_trajectory=return_trajectory, params=params, **options)
 
     _REGISTRY[name] = Solver(
         name=name, fn=checked, options=opts, label_rule=name if label is None else label, order_rule=order,
         needs_key_rule=needs_key, calls_per_step=calls_per_step, final_zero_calls=final_zero_calls,
         ode_options=tuple(sorted((ode_options or {}).items())), doc=inspect.getdoc(fn) or "",
+        learned=learned, saved_calls_rule=saved_calls, evaluations_rule=evaluations, min_steps_rule=min_steps,
+        noise_start=noise_start,
     )
     return checked
 

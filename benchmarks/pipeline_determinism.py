@@ -1,6 +1,6 @@
 """Do the pipeline's images depend on the batch size? And what does a fixed micro-batch cost?
 
-For one network and sampler setting, runs :class:`jdiffsample.pipeline.Sampler` over the same
+For one network and sampler setting, runs :class:`jdiffsample.pipeline.Runner` over the same
 sample indices with several ``batch:micro_batch`` configurations on one device and reports, for
 each, the pixels that differ from the first configuration and from the first one with the same
 micro-batch, and the images/s (compile excluded,
@@ -76,8 +76,9 @@ def main() -> int:
         print(json.dumps(info), flush=True)
         results, first, same_micro = [], None, {}
         for batch, micro in configs:
-            sampler = pipeline.Sampler(model, solver=args.solver, nfe=args.nfe, batch=batch,
-                                       micro_batch=micro, devices=jax.devices()[:1])
+            plan = pipeline.plan(model, pipeline.Settings.create(solver=args.solver, nfe=args.nfe, micro_batch=micro),
+                                 num=args.num)
+            sampler = pipeline.Runner(plan, batch=batch, devices=jax.devices()[:1], num=args.num)
             compile_s = sampler.compile()
             best = float("inf")
             for _ in range(args.repeats):

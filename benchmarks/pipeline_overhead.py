@@ -8,9 +8,9 @@ JAX starts) and measures, alternating ``--repeats`` times:
 * ``bare``: ``jax.jit`` of the solver on the network's denoiser, called on a fixed batch of
   starting noise, labels and per-sample keys, ``block_until_ready`` each call (compile excluded);
 * ``pipeline``: the part of ``pipeline.generate`` that it times itself after compiling
-  (``pipeline._run``): ``--batches`` full batches streamed into a fresh folder, with key
-  derivation, label draws, uint8 conversion, device-to-host copies and atomic ``.npz`` writes.
-  The sampler is compiled once per process (its compile time is reported).
+  (``pipeline.write_run``): ``--batches`` full batches streamed into a fresh folder, with key
+  derivation, label draws, uint8 conversion, device-to-host copies, verified atomic ``.npz``
+  writes and the manifest. The runner is compiled once per process (its compile time is reported).
 
 Overhead = bare images/s / pipeline images/s - 1 (medians), on the same devices, by wall time and
 by process CPU time (steadier on a shared machine: it counts the work, not the waiting).
@@ -41,24 +41,27 @@ def measure(model: str, batch: int, batches: int, repeats: int, workdir: Path) -
     import jax.numpy as jnp
 
     from jdiffsample import nets, pipeline, solvers
-    from jdiffsample.pipeline import output
 
     # one micro-batch per device: the network sees the same per-device shape as the bare call
-    sampler = pipeline.Sampler(model, solver=SOLVER, nfe=NFE, batch=batch,
-                               micro_batch=batch // jax.local_device_count())
+    num = batches * batch
+    plan = pipeline.plan(model, pipeline.Settings.create(solver=SOLVER, nfe=NFE,
+                                                         micro_batch=batch // jax.local_device_count()), num=num)
+    sampler = pipeline.Runner(plan, batch=batch, num=num)
     compile_seconds = sampler.compile()
+    stage = plan.stages[0]
     net = nets.load_model(model)
+    schedule = net.schedule
     variables = net.variables
     keys = jax.random.split(jax.random.key(0), batch)
     x = jax.random.normal(jax.random.key(1), (batch, *sampler.image_shape))
-    x = x * float(sampler.schedule.sigma(sampler.ts[0]))
-    labels = jax.random.randint(jax.random.key(2), (batch,), 0, sampler.n_classes)
-    ts = jnp.asarray(sampler.ts, jnp.float32)
+    x = x * float(schedule.sigma(stage.ts[0]))
+    labels = jax.random.randint(jax.random.key(2), (batch,), 0, stage.n_classes)
+    ts = jnp.asarray(stage.ts, jnp.float32)
 
     @jax.jit
     def bare(variables, x, labels, keys):
         denoise = net.with_variables(variables).denoiser(labels)
-        return solvers.SOLVERS[SOLVER](denoise, x, ts, sampler.schedule, key=keys)
+        return solvers.SOLVERS[SOLVER](denoise, x, ts, schedule, key=keys)
 
     if len(sampler.devices) > 1:  # the same data-parallel layout as the pipeline
         from jax.sharding import NamedSharding, PartitionSpec as P
@@ -74,8 +77,7 @@ def measure(model: str, batch: int, batches: int, repeats: int, workdir: Path) -
 
     def run_pipeline(folder):
         # exactly what generate() times after compiling: batches streamed into atomic shard files
-        folder.mkdir()
-        pipeline._run(sampler, folder, output.plan(batches * batch, batch), None, None)
+        pipeline.write_run(sampler, folder, num=num, shard_size=batch, preview=False, log=None)
 
     run_bare()  # compile and warm up both
     run_pipeline(workdir / "warmup")

@@ -1,6 +1,6 @@
 """Tests for ``jdiffsample convert flux`` (``jdiffsample.nets.flux.convert``) on folders laid out as the
 released ones (components split into numbered bfloat16 safetensors with their index), its refusal
-of bad folders, and the streaming save it relies on (``nets.lazy``, ``nets.checkpoint``).
+of bad folders, and the streaming save it relies on (``nets.formats.lazy``, ``nets.formats.checkpoint``).
 
 References: the ``flux_tiny`` fixture re-saved here in bfloat16 and sharded by diffusers' and
 transformers' own ``save_pretrained``, and their ``FluxTransformer2DModel`` / ``T5EncoderModel`` loaded

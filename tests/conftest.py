@@ -20,6 +20,10 @@ from _torch_compat import python_only_torchvision
 # without most of them (about 1.5x faster). The pipeline's determinism tests run their subprocesses
 # with the full optimizations (tests/test_pipeline.py), and the benchmarks measure optimized code.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
+# Tests that call the CLI in-process must not read or write the user's compilation cache
+# (~/.cache/jdiffsample/xla): a cache shared by two test workers, or left by another JAX build,
+# is outside what a test controls. Tests of the cache itself opt in with their own folder.
+os.environ.setdefault("JDIFFSAMPLE_COMPILATION_CACHE", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("JDIFFSAMPLE_FIXTURES", ROOT.parent / "shared" / "fixtures"))

@@ -61,7 +61,7 @@ def models(tmp_path_factory):
 def env(tmp_path_factory):
     cache = tmp_path_factory.mktemp("xla_cache")
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JDIFFSAMPLE_COMPILATION_CACHE="1")
     env.pop("XLA_FLAGS", None)
     env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # determinism with XLA's full optimizations
     return env

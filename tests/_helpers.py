@@ -263,7 +263,7 @@ def assert_skips_scaled(inputs_of, scales: dict) -> None:
 def rebuild(model, indices, *, seed, times, solver, labels=None, options=None, params=None, **denoiser_options):
     """uint8 images of sample ``indices`` rebuilt by hand from their documented randomness, for
     checking what the pipeline writes: sample i's starting noise from ``fold_in(k_i, 0)`` (times
-    the schedule's prior standard deviation at the first time), its solver noise from
+    sigma at the first time on VE schedules, where sigma = t, else 1), its solver noise from
     ``fold_in(k_i, 2)``, k_i = fold_in(key(seed), i); ``labels`` given (or drawn from
     ``fold_in(k_i, 1)`` when ``"random"``); the model's denoiser with ``denoiser_options``, the
     solver with ``options`` (and learned ``params``) on ``times``, EDM's quantization. Returns
@@ -275,7 +275,8 @@ def rebuild(model, indices, *, seed, times, solver, labels=None, options=None, p
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.asarray(indices))
     sub = lambda k: jax.vmap(jax.random.fold_in, (0, None))(keys, k)  # noqa: E731
     noise = jax.vmap(lambda k: jax.random.normal(k, model.sample_shape, jnp.float32))(sub(0))
-    x = noise * model.schedule.prior_std(jnp.float32(times[0]))
+    # the documented scale, not the code's prior_std: sigma_max on VE (EDM's), 1 on VP and flows
+    x = noise * (float(times[0]) if type(model.schedule).__name__ == "VE" else 1.0)
     if isinstance(labels, str) and labels == "random":
         labels = jax.vmap(lambda k: jax.random.randint(k, (), 0, model.num_classes, jnp.int32))(sub(1))
     denoise = model.denoiser(None if labels is None else np.asarray(labels), **denoiser_options)

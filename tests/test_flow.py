@@ -166,12 +166,13 @@ def test_convergence_order_on_flow(flow_problem, solver, options, order):
     assert abs(slope - order) < 0.3, (errors, slope)
 
 
-# RMSE to the fine-grid solution after 40 steps uniform in t down to 0, about 1.5x the measured one
-# (DDIM / Euler 0.034, DEIS 0.0027, DPM-Solver++(2M) 0.0082, Heun 0.0016, iPNDM 0.0022, SA-Solver and
-# UniPC 0.0047); the state before the last step is 0.036 to 0.073 away, so a last step that does not
-# move it fails. A new solver needs its bound here.
+# RMSE to the fine-grid solution after 40 steps uniform in t down to 0, above the measured one
+# (DDIM / Euler 0.033, DEIS 0.0034, DPM-Solver++(2M) 0.0077, Heun 0.0021, iPNDM 0.0028, SA-Solver and
+# UniPC 0.0049; the untrained learned solvers: AMED and EPD 0.0019 (their midpoint steps), PAS 0.033
+# (its base, DDIM)); the state before the last step is 0.037 to 0.072 away, so a last step that does
+# not move it fails. A new solver needs its bound here.
 FLOW_RMSE = dict(ddim=0.05, euler=0.05, deis=0.004, dpmpp=0.012, heun=0.0025, ipndm=0.0035, sa_solver=0.007,
-                 unipc=0.007)
+                 unipc=0.007, amed=0.0025, epd=0.0025, pas=0.05)
 
 
 @pytest.mark.parametrize("solver", registry.names())

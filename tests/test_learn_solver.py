@@ -5,6 +5,7 @@ bundled digits model, and the learned parameters are finite and inside their ran
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import jdiffsample
-from jdiffsample import cli, nets, schedules, solver_params, timesteps
+from jdiffsample import cli, nets, pipeline, schedules, solver_params, timesteps
 from jdiffsample.learn_solver import learn_solver
 from jdiffsample.solvers import registry
 
@@ -76,7 +77,12 @@ def test_learn_on_digits_through_the_cli(tmp_path, capsys):
     # Sampling with the file (the run's --solver-params) is the solver with those parameters and the
     # file's options, and they matter: the untrained solver gives other images.
     grid = timesteps.logsnr(schedule, 4)
-    ours, labels = pipeline_images(model, range(4), solver="pas", nfe=4, solver_params=str(out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the grid it was trained on: no warning
+        ours, labels = pipeline_images(model, range(4), solver="pas", nfe=4, solver_params=str(out))
+    with pytest.warns(UserWarning, match=f"--solver-params {out} was trained on the logsnr grid .*this run's karras"):
+        pipeline.plan(model, pipeline.Settings.create(solver="pas", nfe=4, grid="karras", solver_params=str(out)),
+                      num=4)
     by_hand, _ = rebuild(model, range(4), seed=0, times=grid, solver="pas", labels="random", options=options,
                          params=params)
     untrained, _ = rebuild(model, range(4), seed=0, times=grid, solver="pas", labels="random", options=options)

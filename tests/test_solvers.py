@@ -160,13 +160,15 @@ def test_final_sigma_zero_returns_data_prediction(solver, schedule):
     """Every registered solver: a last step into sigma = 0 returns the data prediction of the last
     model call, which every solver makes at the last nonzero time. The denoiser returns a marker K
     exactly there (the mixture's posterior mean elsewhere), so the output must be K. On VE (EDM's
-    Karras grid) and on a flow, from t = 1 (the noise: a first step that takes its limit) to t = 0."""
+    Karras grid) and on a flow, from t = 1 (the noise: a first step that takes its limit) to t = 0;
+    the learned solvers, which refuse t = 1, from the schedule's t_max."""
     gmm = _gmm(dim=16)
     inner = gmm.denoiser(schedule)
     if schedule.is_ve:
         ts = timesteps.karras(schedule, 8, final_zero=True)
     else:
-        ts = timesteps.uniform_t(schedules.RectifiedFlow(shift=3.0, t_max=1.0), 8, t_end=0.0)
+        start = 1.0 if registry.get(solver).noise_start else schedule.t_max
+        ts = timesteps.uniform_t(schedules.RectifiedFlow(shift=3.0, t_max=start), 8, t_end=0.0)
     x = gmm.sample_marginal(jax.random.key(3), 8, ts[0], schedule, dtype=jnp.float64)
     marker = jax.random.normal(jax.random.key(4), x.shape, jnp.float64)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from typing import Any
 
 import jax
@@ -338,6 +339,8 @@ class _LearnedFile:
     path: str
     options: dict
     record: dict  # what the run records of it (the file's SHA-256 and what it was trained for)
+    ts: np.ndarray  # the grid it was trained on
+    grid: str | None  # that grid's --grid name, when `jdiffsample learn` recorded it
 
 
 def _learned_file(info, s: Settings):
@@ -361,7 +364,20 @@ def _learned_file(info, s: Settings):
                          f"leave these solver options out or give the same values")
     with open(path, "rb") as fh:
         sha = hashlib.sha256(fh.read()).hexdigest()
-    return _LearnedFile(path, trained, dict(sha256=sha, solver=f.solver, nfe=f.nfe, n_steps=f.n_steps))
+    return _LearnedFile(path, trained, dict(sha256=sha, solver=f.solver, nfe=f.nfe, n_steps=f.n_steps), f.ts,
+                        f.training.get("grid"))
+
+
+def _warn_other_grid(learned_file, grid_name: str, ts) -> None:
+    """Learned parameters are per step: they fit any grid of their length, best the one they were
+    trained on. Say so when this run's grid is another one."""
+    trained = learned_file.ts
+    if len(trained) == len(ts) and np.allclose(trained, ts, rtol=1e-6, atol=1e-9):
+        return
+    on = f"the {learned_file.grid} grid" if learned_file.grid else "another grid"
+    warnings.warn(f"--solver-params {learned_file.path} was trained on {on} ({', '.join(f'{t:.4g}' for t in trained)}); "
+                  f"this run's {grid_name} grid is {', '.join(f'{t:.4g}' for t in ts)}: the parameters may fit it "
+                  f"less well", stacklevel=2)
 
 
 def _options(info, options) -> tuple:
@@ -452,6 +468,8 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
     grid_name, ts = _grid(model, digest, s, info, dict(options), pixels, known_grid,
                           lambda: _warmup(denoiser, s, sample_shape, cond, uncond))
     n_steps = len(ts) - 1
+    if learned_file is not None:
+        _warn_other_grid(learned_file, grid_name, ts)
     if not info.noise_start and model.schedule.noise_start and ts[0] >= 1:
         raise ValueError(f"--solver {s.solver} cannot start from pure noise, and the {grid_name} grid starts at t = 1 "
                          f"on this {model.family} model: give explicit --grid times starting below 1")

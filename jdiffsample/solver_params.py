@@ -11,8 +11,9 @@ file, with one line naming what differs. The file::
      "training": {...loss, teacher, errors, cost...}}
 
 ``model`` is :func:`model_digest` of the network's variables (the digest a checkpoint records at
-conversion: SHA-256 over every array's path, dtype, shape and CRC-32). The grid is recorded, not enforced: the parameters
-are per step and fit any grid of the same length, best the one they were trained on.
+conversion: SHA-256 over every array's path, dtype, shape and CRC-32). The grid is recorded, not
+enforced: the parameters are per step and fit any grid of the same length, best the one they were
+trained on (a run on another grid warns).
 """
 
 from __future__ import annotations

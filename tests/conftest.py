@@ -53,6 +53,21 @@ def require(module: str):
         missing(f"{module} is not installed ({err})")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Free every compiled program after each test file. XLA:CPU maps each program's code into
+    memory (about 140 mappings for a small sampling loop), and a test worker that kept a whole
+    suite's programs reached Linux's 65,530 mappings per process (vm.max_map_count), where the next
+    compile or cache read segfaulted and pytest-xdist waited for the dead worker until CI's limit."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def fixtures():
     """The fixtures folder (skips or fails when it is absent)."""

@@ -174,6 +174,26 @@ def test_eval_cli_writes_tables(tmp_path):
     assert cli.main(["eval", "--solvers", "nope", "--out", str(out)]) == 2
 
 
+def test_eval_cells_on_grids_found_on_the_model_are_what_sample_writes(tmp_path):
+    """GITS and learned grids come from the model's trajectories: an eval cell on one is, bit for bit,
+    what ``jdiffsample sample`` writes with the same settings (same grid, same warm-up noise)."""
+    from jdiffsample import cli, pipeline
+
+    learn = ["--learn-batch", "2", "--learn-iters", "1", "--seed", "3", "--micro-batch", "2"]
+    assert cli.main(["eval", "--solvers", "ipndm", "--nfe", "4", "--grids", "gits,learned", "--skip", "",
+                     "--samples", "4", "--batch", "4", "--ref-steps", "2", *learn, "--out", str(tmp_path / "eval"),
+                     "--save-samples", str(tmp_path / "cells"), "--no-plot"]) == 0
+    pipeline.plan.__globals__["_GRID_CACHE"].clear()  # found again, not remembered from the eval run
+    for grid in ("gits", "learned"):
+        assert cli.main(["sample", "--model", "digits", "--solver", "ipndm", "--nfe", "4", "--grid", grid, *learn,
+                         "--num", "4", "--class-labels", "0,1,2,3",
+                         "--out", str(tmp_path / grid), "--quiet"]) == 0
+        cell, ours = (pipeline.load_samples(tmp_path / "cells" / f"ipndm_nfe4_{grid}"),
+                      pipeline.load_samples(tmp_path / grid))
+        np.testing.assert_array_equal(cell[0], ours[0], err_msg=grid)
+        np.testing.assert_array_equal(cell[1], ours[1], err_msg=grid)
+
+
 # -- training ------------------------------------------------------------------------------------
 
 

@@ -53,19 +53,30 @@ def require(module: str):
         missing(f"{module} is not installed ({err})")
 
 
+def _memory_mappings() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Free every compiled program after each test file. XLA:CPU maps each program's code into
-    memory (about 140 mappings for a small sampling loop), and a test worker that kept a whole
-    suite's programs reached Linux's 65,530 mappings per process (vm.max_map_count), where the next
-    compile or cache read segfaulted and pytest-xdist waited for the dead worker until CI's limit."""
+    """Free the compiled programs after a test file when the process holds many. XLA:CPU maps each
+    program's code into memory (about 140 mappings for a small sampling loop), and a test worker
+    that kept a whole suite's programs reached Linux's 65,530 mappings per process
+    (vm.max_map_count), where the next compile or cache read segfaulted and pytest-xdist waited for
+    the dead worker until CI's limit. One test file adds at most about 15,000; below 40,000 the
+    programs stay, for the files after it that compile the same ones."""
     yield
-    import gc
+    if _memory_mappings() > 40_000:
+        import gc
 
-    import jax
+        import jax
 
-    jax.clear_caches()
-    gc.collect()
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")

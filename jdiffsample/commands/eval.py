@@ -19,6 +19,7 @@ import numpy as np
 
 from jdiffsample import evaluate, nets, schedules
 from jdiffsample import grids as grid_methods
+from jdiffsample.nets.formats.checkpoint import replace_folder
 from jdiffsample.solvers import registry
 
 
@@ -97,17 +98,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out}: cannot write in {parent} (permission denied)")
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder ``tmp`` to ``out``, replacing an earlier one whole."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def run(args) -> int:
     solvers = registry.split_specs(args.solvers)
     nfes = _list(int)(args.nfe)
@@ -153,7 +143,7 @@ def run(args) -> int:
     tmp.mkdir()
     try:
         text = _evaluate(args, tmp, solvers, nfes, grids, skips, skip_solvers, skip_grid, learned_solvers)
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,7 +8,6 @@ layout of EDM's ``generate.py`` (``000000/000123.png``), which EDM's ``fid.py`` 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import struct
 import uuid
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jdiffsample.nets.formats.checkpoint import replace_folder
 from jdiffsample.pipeline import output
 
 __all__ = ["png_bytes", "write_png", "image_grid", "write_preview", "check_export", "export_npz", "export_png"]
@@ -167,13 +167,7 @@ def export_png(out, png_dir, *, overwrite: bool = False) -> int:
                 sub.mkdir(exist_ok=True)
                 write_png(sub / f"{i:06d}.png", image)
                 count += 1
-        if png_dir.exists():
-            old = png_dir.parent / f".{png_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(png_dir, old)
-            os.rename(tmp, png_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, png_dir)
+        replace_folder(tmp, png_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

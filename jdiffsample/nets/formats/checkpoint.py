@@ -42,7 +42,7 @@ from jdiffsample.nets.formats.lazy import LazyArray, has_lazy
 from jdiffsample.nets.formats.torchfile import json_value
 
 __all__ = ["CONFIG_NAME", "VARIABLES_DIR", "FORMAT", "write", "save_converted", "read_config", "restore",
-           "resolve", "bundled", "versions", "read_json", "checksums", "digest", "is_checkpoint"]
+           "resolve", "bundled", "versions", "read_json", "checksums", "digest", "is_checkpoint", "replace_folder"]
 
 CONFIG_NAME = "config.json"
 VARIABLES_DIR = "variables"
@@ -236,6 +236,18 @@ def _check_replaceable(dst: Path, sources) -> None:
                          f"--overwrite would delete them: move them away or choose another destination")
 
 
+def replace_folder(tmp: Path, dst: Path) -> None:
+    """Move the finished folder ``tmp`` to ``dst`` (a sibling), replacing an earlier ``dst`` whole:
+    the old folder aside, the new one in, then the old one removed."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+
+
 def write(dst, config: Mapping[str, Any], variables, *, overwrite: bool = False,
           files: Mapping[str, Any] | None = None, sources=()) -> Path:
     """Write ``variables`` and ``config`` (plus format, versions, checksums and digest) to the folder
@@ -293,13 +305,7 @@ def write(dst, config: Mapping[str, Any], variables, *, overwrite: bool = False,
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
         (tmp / CONFIG_NAME).write_text(text)
-        if dst.exists():  # swap: the old folder aside, the new one in, then the old one removed
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
+        replace_folder(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for parent in reversed(created):  # folders this call created, deepest first

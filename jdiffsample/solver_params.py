@@ -29,7 +29,7 @@ import numpy as np
 from jdiffsample.nets.formats import checkpoint
 from jdiffsample.solvers import registry
 
-__all__ = ["FORMAT", "ParamFile", "model_digest", "schedule_id", "save", "read", "load_params"]
+__all__ = ["FORMAT", "ParamFile", "model_digest", "schedule_id", "save", "read", "load_params", "checked_params"]
 
 FORMAT = "jdiffsample-solver-params"
 VERSION = 1
@@ -138,7 +138,12 @@ def load_params(path, model, solver: str, nfe: int, schedule, options: dict | No
     are checked against the solver's ranges. The file's options (``read(path).options``: e.g. AMED's
     ``afs``, EPD's ``points``) are the ones to sample with.
     """
-    f = read(path)
+    return checked_params(read(path), model, solver, nfe, schedule, options)
+
+
+def checked_params(f: ParamFile, model, solver: str, nfe: int, schedule, options: dict | None = None):
+    """:func:`load_params` for a file already :func:`read`."""
+    path = f.path
     info = registry.get(solver)
     if f.solver != solver:
         raise ValueError(f"{path} holds parameters of solver {f.solver}, not {solver}")

@@ -339,8 +339,7 @@ class _LearnedFile:
     path: str
     options: dict
     record: dict  # what the run records of it (the file's SHA-256 and what it was trained for)
-    ts: np.ndarray  # the grid it was trained on
-    grid: str | None  # that grid's --grid name, when `jdiffsample learn` recorded it
+    file: solver_params.ParamFile
 
 
 def _learned_file(info, s: Settings):
@@ -364,17 +363,16 @@ def _learned_file(info, s: Settings):
                          f"leave these solver options out or give the same values")
     with open(path, "rb") as fh:
         sha = hashlib.sha256(fh.read()).hexdigest()
-    return _LearnedFile(path, trained, dict(sha256=sha, solver=f.solver, nfe=f.nfe, n_steps=f.n_steps), f.ts,
-                        f.training.get("grid"))
+    return _LearnedFile(path, trained, dict(sha256=sha, solver=f.solver, nfe=f.nfe, n_steps=f.n_steps), f)
 
 
 def _warn_other_grid(learned_file, grid_name: str, ts) -> None:
     """Learned parameters are per step: they fit any grid of their length, best the one they were
     trained on. Say so when this run's grid is another one."""
-    trained = learned_file.ts
+    trained, grid = learned_file.file.ts, learned_file.file.training.get("grid")  # as `jdiffsample learn` records it
     if len(trained) == len(ts) and np.allclose(trained, ts, rtol=1e-6, atol=1e-9):
         return
-    on = f"the {learned_file.grid} grid" if learned_file.grid else "another grid"
+    on = f"the {grid} grid" if grid else "another grid"
     warnings.warn(f"--solver-params {learned_file.path} was trained on {on} ({', '.join(f'{t:.4g}' for t in trained)}); "
                   f"this run's {grid_name} grid is {', '.join(f'{t:.4g}' for t in ts)}: the parameters may fit it "
                   f"less well", stacklevel=2)
@@ -424,7 +422,7 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
         raise ValueError("a guidance interval needs a guidance weight (--guidance)")
     params = None
     if learned_file is not None:
-        params = solver_params.load_params(learned_file.path, digest, s.solver, s.nfe, model.schedule)
+        params = solver_params.checked_params(learned_file.file, digest, s.solver, s.nfe, model.schedule)
     decoder, vae_record, vae_path = _decoder(model, s, path)
     models, paths = dict(model=_record(model, digest)), dict(model=path)
     if learned_file is not None:

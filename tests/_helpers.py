@@ -276,7 +276,7 @@ def rebuild(model, indices, *, seed, times, solver, labels=None, options=None, p
     sub = lambda k: jax.vmap(jax.random.fold_in, (0, None))(keys, k)  # noqa: E731
     noise = jax.vmap(lambda k: jax.random.normal(k, model.sample_shape, jnp.float32))(sub(0))
     # the documented scale, not the code's prior_std: sigma_max on VE (EDM's), 1 on VP and flows
-    x = noise * (float(times[0]) if type(model.schedule).__name__ == "VE" else 1.0)
+    x = noise * (float(times[0]) if model.schedule.is_ve else 1.0)
     if isinstance(labels, str) and labels == "random":
         labels = jax.vmap(lambda k: jax.random.randint(k, (), 0, model.num_classes, jnp.int32))(sub(1))
     denoise = model.denoiser(None if labels is None else np.asarray(labels), **denoiser_options)

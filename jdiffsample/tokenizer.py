@@ -41,7 +41,7 @@ from tokenizers import (
 )
 from tokenizers.models import BPE
 
-__all__ = ["CLIPTokenizer", "FILES"]
+__all__ = ["CLIPTokenizer", "FILES", "fixed_length"]
 
 #: The files of a tokenizer folder that :meth:`CLIPTokenizer.from_folder` reads (those present).
 FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -71,6 +71,20 @@ def _added_token(value: Any, special: bool) -> AddedToken:
         flags["special"] = special or flags.get("special", False)
         return AddedToken(value["content"], **flags)
     raise ValueError(f"not a token: {value!r}")
+
+
+def fixed_length(ids: Sequence[list[int]], length: int, pad_id: int, end_id: int) -> tuple[np.ndarray, list]:
+    """int32 ``[B, length]`` rows of ``ids`` (each ending with ``end_id``), padded with ``pad_id``;
+    a longer row keeps its first ``length - 1`` ids and its end. Also returns, for each cut row, the
+    ids removed (the end id excepted), for the caller's truncation warning."""
+    out = np.full((len(ids), length), pad_id, np.int32)
+    removed = []
+    for row, seq in enumerate(ids):
+        if len(seq) > length:
+            removed.append(seq[length - 1:-1])
+            seq = [*seq[:length - 1], end_id]
+        out[row, :len(seq)] = seq
+    return out, removed
 
 
 class CLIPTokenizer:
@@ -181,13 +195,8 @@ class CLIPTokenizer:
         length = self.model_max_length if max_length is None else int(max_length)
         if length < 2:
             raise ValueError(f"max_length must be >= 2, got {length}")
-        out = np.full((len(prompts), length), self.pad_token_id, np.int32)
-        for row, prompt in enumerate(prompts):
-            ids = self.encode(prompt)
-            if len(ids) > length:
-                removed = self.decode(ids[length - 1:-1])
-                warnings.warn(f"The following part of your input was truncated because CLIP can only handle "
-                              f"sequences up to {length} tokens: {removed!r}", stacklevel=2)
-                ids = ids[:length - 1] + [self.eos_token_id]
-            out[row, :len(ids)] = ids
+        out, removed = fixed_length([self.encode(p) for p in prompts], length, self.pad_token_id, self.eos_token_id)
+        for ids in removed:
+            warnings.warn(f"The following part of your input was truncated because CLIP can only handle "
+                          f"sequences up to {length} tokens: {self.decode(ids)!r}", stacklevel=2)
         return out

@@ -53,6 +53,7 @@ from tokenizers import Tokenizer
 
 from jdiffsample.nets.formats import diffusers_folder, statedict
 from jdiffsample.nets.formats.checkpoint import read_json
+from jdiffsample.tokenizer import fixed_length
 
 __all__ = ["T5EncoderModel", "T5Tokenizer", "build", "example_inputs", "convert_state_dict", "load_folder",
            "relative_position_buckets", "RMSNorm", "LAYOUT", "CLASS_NAMES", "TOKENIZER_FILES"]
@@ -345,15 +346,8 @@ class T5Tokenizer:
         length = self.model_max_length if max_length is None else int(max_length)
         if length < 1:
             raise ValueError(f"max_length must be >= 1, got {length}")
-        out = np.full((len(prompts), length), self.pad_token_id, np.int32)
-        removed = []
-        for row, prompt in enumerate(prompts):
-            ids = self.encode(prompt)
-            if len(ids) > length:
-                removed.append(self.backend.decode(ids[length - 1:-1]))
-                ids = ids[:length - 1] + [self.eos_token_id]
-            out[row, :len(ids)] = ids
+        out, removed = fixed_length([self.encode(p) for p in prompts], length, self.pad_token_id, self.eos_token_id)
         if removed:
             warnings.warn(f"The following part of your input was truncated because `max_sequence_length` is set to "
-                          f"{length} tokens: {removed}", stacklevel=2)
+                          f"{length} tokens: {[self.backend.decode(ids) for ids in removed]}", stacklevel=2)
         return out

@@ -124,11 +124,14 @@ def _device_fn(program: Program, fixed, count, indices, labels, low_res, noise, 
 
     xs = tuple(chunks(a) for a in (indices, labels, low_res, noise))
     item = lambda i: tuple(jax.lax.dynamic_index_in_dim(x, i, keepdims=False) for x in xs)  # noqa: E731
-    shapes = jax.eval_shape(lambda a: _chunk(program, fixed, *a, ts), item(0))
+    # one trace of the chunk (the network's is most of a program's tracing time) gives both the
+    # loop's output buffers and its body: the inner jit is inlined when the program is compiled
+    chunk = jax.jit(functools.partial(_chunk, program))
+    shapes = jax.eval_shape(chunk, fixed, *item(0), ts)
     out = jax.tree.map(lambda s: jnp.zeros((xs[0].shape[0], *s.shape), s.dtype), shapes)
 
     def body(i, out):
-        result = _chunk(program, fixed, *item(i), ts)
+        result = chunk(fixed, *item(i), ts)
         return jax.tree.map(lambda o, r: jax.lax.dynamic_update_index_in_dim(o, r, i, 0), out, result)
 
     images, labels, finite = (a[:-1] for a in jax.lax.fori_loop(0, count, body, out))

@@ -27,6 +27,7 @@ EDM_FIXTURES = ["edm_ddpmpp_vp_tiny", "edm_ncsnpp_ve_tiny", "edm_adm_edm_tiny"]
 ADM_FIXTURES = ["adm_guided_tiny"]
 #: One compiled program per network (t is traced): ``DENOISE(denoiser, x, t)``.
 DENOISE = jax.jit(lambda denoiser, x, t: denoiser(x, t))
+APPLY = jax.jit(lambda model, *args: model.apply(*args))  # one program instead of an eager op each
 
 
 def _no_torch_dir() -> str:
@@ -143,7 +144,7 @@ def test_edm_denoiser(models, name):
         with pytest.raises(ValueError, match="unconditional"):
             model.denoiser(np.zeros(4, int))
     else:  # label -1 is the null label: the original's all-zero class vector
-        null = np.asarray(model.apply(x, jnp.ones(len(x)), jnp.zeros_like(labels)))
+        null = np.asarray(APPLY(model, x, jnp.ones(len(x)), jnp.zeros_like(labels)))
         assert np.allclose(DENOISE(model.denoiser(np.full(len(x), -1)), x, 1.0), null, atol=1e-5 * scale)
         with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
             model.denoiser(np.full(len(x), 10))

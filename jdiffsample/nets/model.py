@@ -352,8 +352,7 @@ class Denoiser:
 
     @staticmethod
     def _call(model: Model, x, t, labels, conditioning):
-        return model.sampling.denoise(model.module, model.variables, x, t, labels, model.schedule,
-                                      **(conditioning or {})).astype(x.dtype)
+        return _network(model, x, t, labels, conditioning)
 
     def __call__(self, x, t):
         if self.guidance.cfg is None:
@@ -373,3 +372,14 @@ class Denoiser:
 jax.tree_util.register_dataclass(
     Denoiser, data_fields=["model", "labels", "conditioning", "uncond_conditioning", "guide", "guidance"],
     meta_fields=[])
+
+
+@functools.partial(jax.jit, inline=True)
+def _network(model: Model, x, t, labels, conditioning):
+    """The network's denoised prediction. Jitted and inlined: tracing a network is most of the time
+    of building a program that calls it, and its traced form is kept for every later program that
+    calls the same network on arguments of the same shapes (the grid-learning steps, the teacher,
+    the sampling program, other runs in the process); called eagerly, it is one compiled call
+    instead of one per operation."""
+    return model.sampling.denoise(model.module, model.variables, x, t, labels, model.schedule,
+                                  **(conditioning or {})).astype(x.dtype)

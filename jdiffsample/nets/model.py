@@ -350,22 +350,18 @@ class Denoiser:
     def with_labels(self, labels) -> "Denoiser":
         return dataclasses.replace(self, labels=_check_labels(self.model, labels))
 
-    @staticmethod
-    def _call(model: Model, x, t, labels, conditioning):
-        return _network(model, x, t, labels, conditioning)
-
     def __call__(self, x, t):
         if self.guidance.cfg is None:
-            cond, uncond = self._call(self.model, x, t, self.labels, self.conditioning), None
+            cond, uncond = _network(self.model, x, t, self.labels, self.conditioning), None
         elif self.guide is None:  # one call on the doubled batch: the null label or the uncond conditioning
             labels = None if self.labels is None else jnp.concatenate([self.labels, jnp.full_like(self.labels, -1)])
             other = self.conditioning if self.uncond_conditioning is None else self.uncond_conditioning
             both = None if self.conditioning is None else jax.tree.map(
                 lambda c, u: jnp.concatenate([c, jnp.broadcast_to(u, c.shape)]), self.conditioning, other)
-            cond, uncond = jnp.split(self._call(self.model, jnp.concatenate([x, x]), t, labels, both), 2)
+            cond, uncond = jnp.split(_network(self.model, jnp.concatenate([x, x]), t, labels, both), 2)
         else:
-            cond = self._call(self.model, x, t, self.labels, self.conditioning)
-            uncond = self._call(self.guide, x, t, self.labels if self.guide.num_classes else None, self.conditioning)
+            cond = _network(self.model, x, t, self.labels, self.conditioning)
+            uncond = _network(self.guide, x, t, self.labels if self.guide.num_classes else None, self.conditioning)
         return self.guidance(cond, uncond, x, t, self.model.schedule, self.labels)
 
 

@@ -94,30 +94,38 @@ def _unit(images):
     return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
-def _inception_features(module, params, images):
-    return module.apply({"params": params}, _unit(images))
+def _inception_input(images):
+    """pytorch-fid's input: [0, 1], 3 channels, bilinear resize (no antialiasing) to 299x299."""
+    from jdiffsample.nets import inception  # start-up time: Flax, only with a network
+
+    return inception.resize(_unit(images))
 
 
-def _dinov2_features(module, params, images):
+def _dinov2_input(images):
+    """EDM2's DINOv2 input: antialiased bicubic resize to 224x224, /255, ImageNet mean and std."""
     size = (DINOV2_RESOLUTION, DINOV2_RESOLUTION)
     x = resize.resize_bicubic(_pixels(images), size, antialias=True) / 255.0
     mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-    return module.apply({"params": params}, (x - mean) / std)
+    return (x - mean) / std
+
+
+def _features(module, params, x):
+    return module.apply({"params": params}, x)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(fn: Callable, platform: str):
-    """One jitted ``fn(module, params, images)`` per process (the module static): every network
-    object of the same architecture shares its compiled programs."""
-    return jax.jit(fn, static_argnums=0, compiler_options=xla_options.compile_options(jax.devices(platform)))
+def _jitted(fn: Callable, platform: str, **jit_options):
+    """One jitted ``fn`` per process and platform: every network object shares its programs."""
+    return jax.jit(fn, compiler_options=xla_options.compile_options(jax.devices(platform)), **jit_options)
 
 
 class Network:
     """A feature network: ``network(images) -> features [N, dim]`` (float64 NumPy).
 
-    ``features(module, params, images)`` is compiled once per architecture, image shape and batch
-    size (shared by every object); the weights are an argument, replicated on every local device,
-    and each batch is split over the devices. A call pads its batches to one size: ``batch_size`` (a
+    Two programs, shared by every object: ``prepare(images)`` (the network's resize and scaling),
+    compiled per image shape and dtype, and the network, compiled once per architecture and batch
+    size (images of every size reuse it). The weights are an argument, replicated on every local
+    device, and each batch is split over the devices. A call pads its batches to one size: ``batch_size`` (a
     multiple of the device count), or for fewer images the next power of two (at least 8), so that
     few programs serve every call.
     """
@@ -125,7 +133,7 @@ class Network:
     metric = ""
     name = "feature network"
 
-    def __init__(self, features: Callable, module, params, dim: int, batch_size: int):
+    def __init__(self, prepare: Callable, module, params, dim: int, batch_size: int):
         devices = jax.local_devices()
         self.devices = len(devices)
         self.dim = int(dim)
@@ -133,7 +141,7 @@ class Network:
         mesh = Mesh(np.array(devices), ("batch",))
         self._batch = NamedSharding(mesh, PartitionSpec("batch"))
         self._params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-        self._module, self._features, self._platform = module, features, devices[0].platform
+        self._module, self._prepare, self._platform = module, prepare, devices[0].platform
 
     def _check(self, images) -> np.ndarray:
         images = np.asarray(images)
@@ -155,8 +163,9 @@ class Network:
         n = len(batch)
         if n < step:
             batch = np.concatenate([batch, np.zeros((step - n, *batch.shape[1:]), batch.dtype)])
-        apply = _jitted(self._features, self._platform)  # built on first use: loading compiles nothing
-        return apply(self._module, self._params, jax.device_put(batch, self._batch))
+        # built on first use: loading compiles nothing
+        prepare, apply = _jitted(self._prepare, self._platform), _jitted(_features, self._platform, static_argnums=0)
+        return apply(self._module, self._params, prepare(jax.device_put(batch, self._batch)))
 
     def __call__(self, images, batch_size: int | None = None) -> np.ndarray:
         """Features of ``images``; ``batch_size`` is ignored (set at construction)."""
@@ -177,7 +186,7 @@ class Inception(Network):
     def __init__(self, params, batch_size: int = 50):
         from jdiffsample.nets import inception  # start-up time: Flax, only with a network
 
-        super().__init__(_inception_features, inception.InceptionV3(), params, inception.DIM, batch_size)
+        super().__init__(_inception_input, inception.InceptionV3(resize=False), params, inception.DIM, batch_size)
 
 
 class DINOv2(Network):
@@ -186,7 +195,7 @@ class DINOv2(Network):
     metric, name = "fd_dinov2", "DINOv2"
 
     def __init__(self, module, params, batch_size: int = 64):
-        super().__init__(_dinov2_features, module, params, module.embed_dim, batch_size)
+        super().__init__(_dinov2_input, module, params, module.embed_dim, batch_size)
         self.name = f"DINOv2 ViT/14 ({module.embed_dim} wide, {module.depth} deep)"
 
 

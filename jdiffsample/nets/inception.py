@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jdiffsample import xla_options
 from jdiffsample.nets.formats import statedict, torchfile
 
-__all__ = ["InceptionV3", "load_params", "init_shapes", "RESOLUTION", "DIM"]
+__all__ = ["InceptionV3", "resize", "load_params", "init_shapes", "RESOLUTION", "DIM"]
 
 RESOLUTION = 299
 DIM = 2048
@@ -145,6 +145,12 @@ class BlockE(nn.Module):
         return jnp.concatenate([b1, b3, bd, bp], -1)
 
 
+def resize(images):
+    """``[B, H, W, C] -> [B, 299, 299, C]``: pytorch-fid's bilinear resize, without antialiasing."""
+    return jax.image.resize(images, (images.shape[0], RESOLUTION, RESOLUTION, images.shape[-1]), "bilinear",
+                            antialias=False)
+
+
 class InceptionV3(nn.Module):
     """Images ``[B, H, W, 3]`` in ``[0, 1]`` -> pooled features ``[B, 2048]`` (pytorch-fid's
     block 3, TensorFlow's ``pool_3``). ``resize=False`` skips the resize to 299x299."""
@@ -157,8 +163,7 @@ class InceptionV3(nn.Module):
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"InceptionV3 takes RGB images [B, H, W, 3], got shape {x.shape}")
         if self.resize:
-            x = jax.image.resize(x, (x.shape[0], RESOLUTION, RESOLUTION, 3), "bilinear",
-                                 antialias=False)
+            x = resize(x)
         x = 2.0 * x - 1.0
         x = _cb("Conv2d_1a_3x3", 32, 3, stride=2)(x)
         x = _cb("Conv2d_2a_3x3", 32, 3)(x)

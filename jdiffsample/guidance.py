@@ -15,6 +15,9 @@ weights are traced leaves, so another weight, interval, scale or threshold reuse
      output space (``prediction``: epsilon, v or the sample itself);
    * the channel limit: only the first ``channels`` channels take the guided value, the others the
      conditional one (DiT's original sampler guides 3 of its 4 latent channels).
+   Then :class:`SkipLayerGuidance` (SD3.5, diffusers' ``skip_guidance_layers``) adds
+   ``scale (D_c - D_skip)``, ``D_skip`` the conditional prediction of the network with some of its
+   blocks bypassed, at the times ``t`` in ``[lo, hi]`` (the steps it was asked for).
 2. :class:`Threshold`: static clipping to [-1, 1] or dynamic thresholding (Saharia et al. 2022) of
    pixel-space predictions.
 3. :class:`ClassifierGuidance`: ``x0 + s sigma^2 / alpha grad_x log p(y | x_t)``, guided-diffusion's
@@ -31,12 +34,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiffsample import models
 from jdiffsample.schedules import Schedule
 
-__all__ = ["CFG", "Threshold", "ClassifierGuidance", "Guidance", "THRESHOLDS", "PREDICTIONS", "threshold",
-           "rescale", "classifier_guidance", "guided", "thresholded", "classifier_guided"]
+__all__ = ["CFG", "SkipLayerGuidance", "Threshold", "ClassifierGuidance", "Guidance", "THRESHOLDS", "PREDICTIONS", "threshold",
+           "rescale", "classifier_guidance", "skip_layer_steps", "guided", "thresholded", "classifier_guided"]
 
 THRESHOLDS = ("static", "dynamic")
 PREDICTIONS = models.PREDICTIONS
@@ -73,6 +77,13 @@ def threshold(x0, kind: str, ratio=0.995, max_value=1.0):
     s = jnp.clip(jnp.quantile(flat, ratio, axis=1), 1.0, max_value)
     s = s.reshape((-1,) + (1,) * (x0.ndim - 1)).astype(x0.dtype)
     return jnp.clip(x0, -s, s) / s
+
+
+def skip_layer_steps(n_steps: int, start: float = 0.01, stop: float = 0.2) -> np.ndarray:
+    """bool ``[n_steps]``: the steps ``i`` in which skip-layer guidance acts, ``start n < i < stop n``
+    (diffusers' ``skip_layer_guidance_start`` and ``_stop``, whose defaults these are)."""
+    i = np.arange(int(n_steps))
+    return (i > n_steps * start) & (i < n_steps * stop)
 
 
 def classifier_guidance(x0, x, t, labels, logits_fn: Callable, scale, schedule: Schedule):
@@ -134,6 +145,34 @@ class CFG:
 
 
 @dataclasses.dataclass(frozen=True)
+class SkipLayerGuidance:
+    """``D + scale (D_c - D_skip)`` where ``lo <= t <= hi`` (``times``), ``D_skip`` the conditional
+    prediction with the network's blocks ``layers`` (static) bypassed; ``scale`` and ``times`` are traced."""
+
+    layers: tuple
+    scale: Any
+    times: Any
+
+    @classmethod
+    def create(cls, layers, scale, times) -> "SkipLayerGuidance":
+        layers = tuple(layers)
+        if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            raise ValueError(f"skip-layer guidance needs block indices (non-negative integers), got {list(layers)}")
+        times = jnp.asarray(times, jnp.float32)
+        if times.shape != (2,):
+            raise ValueError(f"skip-layer guidance's times must be [lo, hi], got shape {times.shape}")
+        return cls(layers, _scalar(scale, "the skip-layer guidance scale"), times)
+
+    def active(self, t):
+        t = jnp.asarray(t, jnp.float32)
+        return (t >= self.times[0]) & (t <= self.times[1])
+
+    def __call__(self, x0, cond, skipped, t):
+        w = jnp.where(self.active(t), self.scale, 0.0).astype(x0.dtype)
+        return x0 + w * (cond - skipped)
+
+
+@dataclasses.dataclass(frozen=True)
 class Threshold:
     """Static or dynamic thresholding (:func:`threshold`); ``ratio`` and ``max_value`` are traced."""
 
@@ -167,15 +206,20 @@ class ClassifierGuidance:
 
 @dataclasses.dataclass(frozen=True)
 class Guidance:
-    """The chain: :class:`CFG`, then :class:`Threshold`, then :class:`ClassifierGuidance` (each
-    optional). ``cfg`` set means the caller must provide an unconditional prediction."""
+    """The chain: :class:`CFG`, :class:`SkipLayerGuidance`, :class:`Threshold`, then
+    :class:`ClassifierGuidance` (each optional). ``cfg`` set means the caller must provide an
+    unconditional prediction, ``skip_layers`` set the prediction ``skipped`` of the network with those
+    blocks bypassed (used where it is active)."""
 
     cfg: CFG | None = None
     threshold: Threshold | None = None
     classifier: ClassifierGuidance | None = None
+    skip_layers: SkipLayerGuidance | None = None
 
-    def __call__(self, cond, uncond, x, t, schedule: Schedule, labels=None):
+    def __call__(self, cond, uncond, x, t, schedule: Schedule, labels=None, skipped=None):
         x0 = cond if self.cfg is None else self.cfg(cond, uncond, x, t, schedule)
+        if self.skip_layers is not None:
+            x0 = self.skip_layers(x0, cond, skipped, t)
         if self.threshold is not None:
             x0 = self.threshold(x0)
         if self.classifier is not None:
@@ -184,9 +228,10 @@ class Guidance:
 
 
 for _cls, _data, _meta in ((CFG, ["weight", "interval", "rescale"], ["channels", "prediction"]),
+                           (SkipLayerGuidance, ["scale", "times"], ["layers"]),
                            (Threshold, ["ratio", "max_value"], ["kind"]),
                            (ClassifierGuidance, ["classify", "scale"], []),
-                           (Guidance, ["cfg", "threshold", "classifier"], [])):
+                           (Guidance, ["cfg", "threshold", "classifier", "skip_layers"], [])):
     jax.tree_util.register_dataclass(_cls, data_fields=_data, meta_fields=_meta)
 
 

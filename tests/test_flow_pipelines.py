@@ -177,6 +177,12 @@ def schnell(tmp_path_factory):
     ("size", "FLUX.1 needs height and width that are positive multiples of 4"),
     ("true_cfg_sd3", "--true-cfg applies to FLUX.1"),
     ("sd_sequence", "--max-sequence-length applies to text models with a T5 encoder"),
+    ("slg_flux", "--slg-layers is skip-layer guidance for SD3 models; flux networks cannot skip blocks"),
+    ("slg_range", "--slg-layers must name blocks in [0, 1] (this transformer has 2), got 1,2"),
+    ("slg_unguided", "skip-layer guidance (--slg-layers) acts with classifier-free guidance: give --guidance W"),
+    ("slg_steps", "slg_steps (--slg-steps) must be START,STOP with 0 <= START < STOP <= 1, got (0.5, 0.2)"),
+    ("slg_scale_alone", "--slg-scale and --slg-steps set skip-layer guidance, which --slg-layers turns on"),
+    ("slg_no_step", "--slg-steps 0.5,0.6 selects none of the 2 steps"),
 ])
 def test_bad_input(case, message, converted, schnell, tmp_path, capsys):
     flux, sd3 = str(converted / "flux"), str(converted / "sd3")
@@ -187,6 +193,13 @@ def test_bad_input(case, message, converted, schnell, tmp_path, capsys):
         "size": ["--model", flux, "--height", "30", "--width", "32"],
         "true_cfg_sd3": ["--model", sd3, "--true-cfg", "2", "--negative-prompt", "x"],
         "sd_sequence": ["--model", "digits", "--max-sequence-length", "8"],
+        "slg_flux": ["--model", flux, "--slg-layers", "1"],
+        "slg_range": ["--model", sd3, "--guidance", "4", "--slg-layers", "2,1"],
+        "slg_unguided": ["--model", sd3, "--slg-layers", "1"],
+        "slg_steps": ["--model", sd3, "--guidance", "4", "--slg-layers", "1", "--slg-steps", "0.5,0.2"],
+        "slg_scale_alone": ["--model", sd3, "--guidance", "4", "--slg-scale", "3"],
+        "slg_no_step": ["--model", sd3, "--guidance", "4", "--slg-layers", "1", "--slg-steps", "0.5,0.6",
+                        "--nfe", "2", "--solver", "euler", "--height", "16", "--width", "16"],
     }[case]
     if case != "sd_sequence":
         argv = [*argv, "--prompt", "a cat"]

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import fixture_dir, require
-from _helpers import assert_convert_fails, randomize, rel_err
+from _helpers import assert_convert_fails, benchmark, randomize, rel_err
 
-from jdiffsample import cli, nets
+from jdiffsample import cli, guidance, nets, text2image
 from jdiffsample.nets import sd3
 
 RTOL = 1e-5
@@ -168,11 +168,26 @@ def test_sd35_medium_images_match_the_pipeline(medium_folder, tmp_path):
     cond = sd3.encode_prompts(model, dst, ref["prompts"], 16, 16, max_sequence_length=16)
     uncond = sd3.encode_prompts(model, dst, ref["negative"], 16, 16, max_sequence_length=16)
     ts = sd3.diffusers_grid(model, 5)
-    steps = sd3.skip_layer_steps(5, SLG["skip_layer_guidance_start"], SLG["skip_layer_guidance_stop"])
+    steps = guidance.skip_layer_steps(5, SLG["skip_layer_guidance_start"], SLG["skip_layer_guidance_stop"])
     assert steps.tolist() == [False, True, True, False, False]
     slg = euler(model, cond, uncond, ref["noise"], ts, 4.5, (SLG["skip_guidance_layers"], 2.8, steps))
     assert np.abs(slg - ref["slg"]).max() <= PIXELS
     assert np.abs(ref["slg"] - ref["plain"]).max() > 10 * PIXELS  # the skip-layer steps mattered
+
+    # the pipeline's --slg-layers/--slg-scale/--slg-steps: the same images as diffusers' pipeline
+    ours = []
+    settings = dict(negative_prompts=ref["negative"], guidance=4.5, latents=ref["noise"].transpose(0, 2, 3, 1),
+                    solver="euler", nfe=5, grid="diffusers", height=16, width=16, max_sequence_length=16,
+                    slg_layers=SLG["skip_guidance_layers"], slg_scale=SLG["skip_layer_guidance_scale"],
+                    slg_steps=(SLG["skip_layer_guidance_start"], SLG["skip_layer_guidance_stop"]))
+    compile_seconds = benchmark("compile_once").compile_seconds
+    first = compile_seconds(lambda: ours.append(text2image.generate(dst, ref["prompts"], **settings)))
+    assert np.abs(ours[0] / 255.0 - ref["slg"]).max() <= PIXELS + 0.5 / 255  # uint8 rounding
+    # its scale and steps are arguments of the compiled program, not constants in it
+    other = dict(settings, slg_scale=1.5, slg_steps=(0.0, 0.5))
+    second = compile_seconds(lambda: ours.append(text2image.generate(dst, ref["prompts"], **other)))
+    assert first > 0 and second < 0.1 * first, (first, second)
+    assert np.abs(ours[1].astype(int) - ours[0]).max() > 2
 
 
 def test_pipeline_without_t5(tmp_path):

@@ -96,6 +96,8 @@ class Sampling:
       default_guidance: the guidance input used when the settings give none (with ``guidance_input``).
       true_cfg: classifier-free guidance takes its weight from the ``true_cfg`` setting (FLUX.1,
         whose ``guidance`` setting is the network's input where it has one).
+      skip_layers: ``module -> int``: the number of blocks ``denoise(..., skip_layers=(i, ...))`` can
+        bypass, for skip-layer guidance (SD3.5); None: the family has none.
     """
 
     denoise: Callable
@@ -116,6 +118,7 @@ class Sampling:
     prompt_options: tuple = ()
     default_guidance: float | None = None
     true_cfg: bool = False
+    skip_layers: Callable[[Any], int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

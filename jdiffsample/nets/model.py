@@ -350,6 +350,23 @@ class Denoiser:
     def with_labels(self, labels) -> "Denoiser":
         return dataclasses.replace(self, labels=_check_labels(self.model, labels))
 
+    def with_skip_layer_guidance(self, layers, scale, times) -> "Denoiser":
+        """This denoiser with skip-layer guidance (:class:`jdiffsample.guidance.SkipLayerGuidance`):
+        ``scale (D_c - D_skip)`` added where ``times[0] <= t <= times[1]``, ``D_skip`` the network with
+        its blocks ``layers`` bypassed. Needs classifier-free guidance and a family whose network can
+        skip blocks (SD3)."""
+        count = self.model.sampling.skip_layers
+        if count is None:
+            raise ValueError(f"{self.model.family} networks cannot skip blocks: skip-layer guidance is for SD3 models")
+        if self.guidance.cfg is None:
+            raise ValueError("skip-layer guidance acts with classifier-free guidance: give a guidance weight")
+        slg = guidance_chain.SkipLayerGuidance.create(layers, scale, times)
+        n = count(self.model.module)
+        if max(slg.layers) >= n:
+            raise ValueError(f"skip-layer guidance's blocks must lie in [0, {n - 1}] (this network has {n}), got "
+                             f"{list(slg.layers)}")
+        return dataclasses.replace(self, guidance=dataclasses.replace(self.guidance, skip_layers=slg))
+
     def __call__(self, x, t):
         if self.guidance.cfg is None:
             cond, uncond = _network(self.model, x, t, self.labels, self.conditioning), None
@@ -362,7 +379,12 @@ class Denoiser:
         else:
             cond = _network(self.model, x, t, self.labels, self.conditioning)
             uncond = _network(self.guide, x, t, self.labels if self.guide.num_classes else None, self.conditioning)
-        return self.guidance(cond, uncond, x, t, self.model.schedule, self.labels)
+        skipped, slg = None, self.guidance.skip_layers
+        if slg is not None:  # computed only in the steps where it acts
+            skipped = jax.lax.cond(
+                slg.active(t), lambda: _network(self.model, x, t, self.labels, self.conditioning, slg.layers),
+                lambda: cond)
+        return self.guidance(cond, uncond, x, t, self.model.schedule, self.labels, skipped)
 
 
 jax.tree_util.register_dataclass(
@@ -370,12 +392,13 @@ jax.tree_util.register_dataclass(
     meta_fields=[])
 
 
-@functools.partial(jax.jit, inline=True)
-def _network(model: Model, x, t, labels, conditioning):
+@functools.partial(jax.jit, inline=True, static_argnums=5)
+def _network(model: Model, x, t, labels, conditioning, skip_layers: tuple = ()):
     """The network's denoised prediction. Jitted and inlined: tracing a network is most of the time
     of building a program that calls it, and its traced form is kept for every later program that
     calls the same network on arguments of the same shapes (the grid-learning steps, the teacher,
     the sampling program, other runs in the process); called eagerly, it is one compiled call
-    instead of one per operation."""
+    instead of one per operation. ``skip_layers``: blocks to bypass (skip-layer guidance)."""
+    options = dict(conditioning or {}, **({"skip_layers": skip_layers} if skip_layers else {}))
     return model.sampling.denoise(model.module, model.variables, x, t, labels, model.schedule,
-                                  **(conditioning or {})).astype(x.dtype)
+                                  **options).astype(x.dtype)

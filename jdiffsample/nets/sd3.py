@@ -30,7 +30,7 @@ transformer predicts the velocity v = eps - x0 from ``timestep = num_train_times
 denoiser returns x0 = x_t - s v. Classifier-free guidance (diffusers' ``guidance_scale``) is the usual
 ``uncond + w (cond - uncond)`` on these data predictions (linear in v, so the same as diffusers' on v);
 SD3.5's skip-layer guidance adds ``scale (cond - cond_skipping_layers)`` in the steps
-:func:`skip_layer_steps` selects.
+:func:`jdiffsample.guidance.skip_layer_steps` selects (``--slg-layers``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from jdiffsample.tokenizer import FILES as CLIP_TOKENIZER_FILES
 from jdiffsample.tokenizer import CLIPTokenizer
 
 __all__ = ["StableDiffusion3", "PIPELINE", "MAX_SEQUENCE_LENGTH", "build", "example_inputs", "encode_prompts",
-           "tokenize", "denoise", "skip_layer_steps", "sample_shape_at", "schedule_info", "schedule",
+           "tokenize", "denoise", "sample_shape_at", "schedule_info", "schedule",
            "diffusers_grid", "convert", "FAMILY"]
 
 Dtype = Any
@@ -226,13 +226,6 @@ def denoise(module: StableDiffusion3, variables, x, t, labels, schedule, *, cont
     return x - s.astype(x.dtype) * v.astype(x.dtype)
 
 
-def skip_layer_steps(n_steps: int, start: float = 0.01, stop: float = 0.2) -> np.ndarray:
-    """bool ``[n_steps]``: the steps ``i`` in which the pipeline applies skip-layer guidance,
-    ``start * n < i < stop * n`` (diffusers' ``skip_layer_guidance_start``/``_stop`` defaults)."""
-    i = np.arange(int(n_steps))
-    return (i > n_steps * start) & (i < n_steps * stop)
-
-
 def sample_shape_at(module: StableDiffusion3, height: int, width: int) -> tuple[int, int, int]:
     """The latent shape ``(height / f, width / f, 16)`` for images of ``height`` x ``width`` pixels (f the
     VAE's factor, 8); ``ValueError`` unless both are multiples of f x patch_size (16) that fit the
@@ -385,5 +378,5 @@ FAMILY = family.Family(
         denoise=denoise, sample_shape=_sample_shape, conditioning=lambda module: ("context", "pooled"),
         encode_prompts=encode_prompts, sample_shape_at=sample_shape_at, pixels_per_latent=lambda m: 2 ** (len(m.vae.block_out_channels) - 1), prediction=lambda module: "flow_prediction",
         sharding=sharding.HEADS_AND_MLP, prompt_options=("max_sequence_length",),
-        grids={"diffusers": diffusers_grid}),
+        grids={"diffusers": diffusers_grid}, skip_layers=lambda module: module.transformer.num_layers),
 )

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiffsample import grids, solver_params
+from jdiffsample.guidance import skip_layer_steps
 from jdiffsample import skip_tuning as skip
 from jdiffsample.nets import Denoiser, Model, latent
 from jdiffsample.nets import model as model_io
@@ -123,6 +124,10 @@ class Plan:
             parts = []
             if chain.cfg is not None:
                 parts.append(f"weight {float(chain.cfg.weight):g}" + (" (autoguidance)" if s.denoiser.guide else ""))
+            if chain.skip_layers is not None:
+                lo, hi = (float(v) for v in chain.skip_layers.times)
+                parts.append(f"skip-layer guidance {float(chain.skip_layers.scale):g} without blocks "
+                             f"{','.join(map(str, chain.skip_layers.layers))} at t in [{lo:.4g}, {hi:.4g}]")
             if chain.threshold is not None:
                 parts.append(f"{chain.threshold.kind} thresholding")
             if chain.classifier is not None:
@@ -223,6 +228,49 @@ def _check_text(model: Model, s: Settings, weight) -> None:
     if s.negative_prompts is not None and weight is None:
         flag = "--true-cfg" if spec.true_cfg else "--guidance"
         raise ValueError(f"a negative prompt acts through classifier-free guidance: give {flag} W")
+
+
+def _check_skip_layers(model: Model, s: Settings, weight, info, options) -> None:
+    """Skip-layer guidance's settings against the model, and its steps against the steps the NFE gives
+    (from pure noise on flows; the grid's own count is checked again once it is known)."""
+    default = Settings()
+    if s.slg_layers is None:
+        if (s.slg_scale, s.slg_steps) != (default.slg_scale, default.slg_steps):
+            raise ValueError("--slg-scale and --slg-steps set skip-layer guidance, which --slg-layers turns on")
+        return
+    count = model.sampling.skip_layers
+    if count is None:
+        raise ValueError(f"--slg-layers is skip-layer guidance for SD3 models; {model.family} networks cannot "
+                         f"skip blocks")
+    if weight is None:
+        raise ValueError("skip-layer guidance (--slg-layers) acts with classifier-free guidance: give --guidance W "
+                         "and --negative-prompt (or the empty one)")
+    n = count(model.module)
+    if max(s.slg_layers) >= n:
+        raise ValueError(f"--slg-layers must name blocks in [0, {n - 1}] (this transformer has {n}), got "
+                         f"{','.join(map(str, s.slg_layers))}")
+    schedule = model.schedule
+    try:
+        n_steps, _ = info.steps_for_nfe(s.nfe, zero_end=schedule.zero_end, first_noise=schedule.noise_start,
+                                        options=dict(options))
+    except ValueError:  # no grid from pure noise costs this NFE: the other grids
+        n_steps, _ = info.steps_for_nfe(s.nfe, zero_end=schedule.zero_end, options=dict(options))
+    _skip_layer_steps(s, n_steps)
+
+
+def _skip_layer_steps(s: Settings, n_steps: int) -> np.ndarray:
+    """The indices of the steps in which skip-layer guidance acts (``--slg-steps``), at least one."""
+    on = np.flatnonzero(skip_layer_steps(n_steps, *s.slg_steps))
+    if not len(on):
+        raise ValueError(f"--slg-steps {s.slg_steps[0]:g},{s.slg_steps[1]:g} selects none of the {n_steps} steps "
+                         f"(those i with START N < i < STOP N): widen it or take more steps")
+    return on
+
+
+def _skip_layer_times(s: Settings, ts) -> tuple[float, float]:
+    """``[lo, hi]``: the times of the steps in which skip-layer guidance acts."""
+    on = _skip_layer_steps(s, len(ts) - 1)
+    return float(ts[on[-1]]), float(ts[on[0]])
 
 
 def _check_threshold(model: Model, s: Settings) -> None:
@@ -412,6 +460,7 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
     weight, text_options = _guidance_roles(model, s)
     _check_text(model, s, weight)
     _check_threshold(model, s)
+    _check_skip_layers(model, s, weight, info, options)
     if s.skip_tuning is not None and not spec.skip_tuning:
         raise ValueError(f"{model.family} networks have no long skip connections to tune (--skip-tuning)")
     if (s.classifier is None) != (s.classifier_scale is None):
@@ -474,6 +523,10 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
     init = None
     if init_images is not None:
         ts, init = _image_to_image(base, init_images, strength, ts, sample_shape)
+    slg_times = None
+    if s.slg_layers is not None and index == 1:
+        slg_times = _skip_layer_times(s, ts)
+        denoiser = denoiser.with_skip_layer_guidance(s.slg_layers, s.slg_scale, slg_times)
     image_shape = sample_shape if decoder is None else decoder.image_shape(sample_shape)
     stage = Stage(index=index, model=base, denoiser=denoiser, solver=s.solver, options=options, nfe=s.nfe,
                   n_steps=n_steps, grid=grid_name, ts=np.asarray(ts, np.float64), seed=s.seed,

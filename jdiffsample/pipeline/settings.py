@@ -146,15 +146,19 @@ def parse_labels(text: str | None):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _check_labels(value):
-    if value is None or value == "random":
-        return value
+def _indices(name: str, value, what: str) -> tuple:
+    """One non-negative integer or a non-empty sequence of them -> a tuple; else ``ValueError``."""
     values = [value] if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
     if isinstance(values, str) or not isinstance(values, Sequence) or not values or any(
             isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in values):
-        raise ValueError(f"{_names('class_labels')} must be 'random', a label or a list of labels "
-                         f"(non-negative integers), got {value!r}")
+        raise ValueError(f"{_names(name)} must be {what}, got {value!r}")
     return tuple(int(v) for v in values)
+
+
+def _check_labels(value):
+    if value is None or value == "random":
+        return value
+    return _indices("class_labels", value, "'random', a label or a list of labels (non-negative integers)")
 
 
 def parse_pair(flag: str):
@@ -178,6 +182,31 @@ def _check_interval(value):
     if not 0 <= lo < hi:
         raise ValueError(f"{_names('guidance_interval')} must be LO,HI with 0 <= LO < HI, got {value!r}")
     return lo, hi
+
+
+def parse_layers(text: str):
+    """``"7,8,9"`` -> (7, 8, 9)."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--slg-layers must be block indices separated by commas (e.g. 7,8,9), got {text!r}") from None
+
+
+def _check_layers(value):
+    if value is None:
+        return None
+    return tuple(sorted(set(_indices("slg_layers", value, "block indices (non-negative integers)"))))
+
+
+def _check_fractions(value):
+    try:
+        start, stop = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{_names('slg_steps')} must be (start, stop), got {value!r}") from None
+    start, stop = check_float("slg_steps", start), check_float("slg_steps", stop)
+    if not 0 <= start < stop <= 1:
+        raise ValueError(f"{_names('slg_steps')} must be START,STOP with 0 <= START < STOP <= 1, got {value!r}")
+    return start, stop
 
 
 def parse_channels(text: str):
@@ -354,6 +383,15 @@ class Settings:
     true_cfg: Any = setting(None, "FLUX.1: real classifier-free guidance with the negative prompt, weight W, on top "
                             "of the distilled guidance (diffusers' true_cfg_scale)", check=_number("true_cfg"),
                             metavar="W", group="guidance", kind=float)
+    slg_layers: Any = setting(None, "SD3.5: skip-layer guidance, the transformer blocks its extra prediction "
+                              "bypasses, e.g. 7,8,9 (diffusers' skip_guidance_layers)", parse=parse_layers,
+                              check=_check_layers, metavar="I,J,...", group="guidance")
+    slg_scale: float = setting(2.8, "skip-layer guidance weight (diffusers' skip_layer_guidance_scale)",
+                               check=_number("slg_scale"), metavar="S", group="guidance", kind=float)
+    slg_steps: Any = setting((0.01, 0.2), "skip-layer guidance acts in the steps i with START N < i < STOP N of N "
+                             "steps (diffusers' skip_layer_guidance_start and _stop)",
+                             parse=parse_pair("--slg-steps"), check=_check_fractions, metavar="START,STOP",
+                             group="guidance")
     classifier: Any = setting(None, "classifier guidance: a converted noisy-image classifier (convert adm-classifier)",
                               check=_check_model("classifier"), metavar="DIR", group="guidance", model=True)
     classifier_scale: Any = setting(None, "classifier guidance weight (guided-diffusion's --classifier_scale)",
@@ -420,10 +458,8 @@ class Settings:
     def from_json(cls, data: Mapping) -> "Settings":
         """The settings of a manifest's ``settings`` (keys of other runs' records are ignored)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        for key in ("grid", "class_labels", "guidance_interval", "prompts", "negative_prompts"):
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
+        # settings are hashable: JSON's lists are their tuples
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
         return cls(**values)
 
 

@@ -15,12 +15,12 @@ weights are traced leaves, so another weight, interval, scale or threshold reuse
      output space (``prediction``: epsilon, v or the sample itself);
    * the channel limit: only the first ``channels`` channels take the guided value, the others the
      conditional one (DiT's original sampler guides 3 of its 4 latent channels).
-   Then :class:`SkipLayerGuidance` (SD3.5, diffusers' ``skip_guidance_layers``) adds
+2. :class:`SkipLayerGuidance` (SD3.5, diffusers' ``skip_guidance_layers``) adds
    ``scale (D_c - D_skip)``, ``D_skip`` the conditional prediction of the network with some of its
    blocks bypassed, at the times ``t`` in ``[lo, hi]`` (the steps it was asked for).
-2. :class:`Threshold`: static clipping to [-1, 1] or dynamic thresholding (Saharia et al. 2022) of
+3. :class:`Threshold`: static clipping to [-1, 1] or dynamic thresholding (Saharia et al. 2022) of
    pixel-space predictions.
-3. :class:`ClassifierGuidance`: ``x0 + s sigma^2 / alpha grad_x log p(y | x_t)``, guided-diffusion's
+4. :class:`ClassifierGuidance`: ``x0 + s sigma^2 / alpha grad_x log p(y | x_t)``, guided-diffusion's
    DDIM form (``condition_score``) written for x0, after thresholding as the original does.
 
 ``nets.Denoiser`` is a network call followed by this chain; :func:`guided`, :func:`thresholded`

@@ -62,27 +62,23 @@ def test_prompt_embeddings_match_the_pipeline(fixture_model):
     assert rel_err(empty["context"][0], io["negative_prompt_embeds"][1]) < RTOL
 
 
-def euler(model, cond, uncond, noise, ts, guidance, skip=None):
-    """A plain Euler flow sampler around the family's denoiser: CFG on the doubled batch, optional
-    skip-layer guidance ``(layers, scale, steps mask)``; returns images in [0, 1], NHWC."""
+def euler(model, cond, uncond, noise, ts, guidance):
+    """A plain Euler flow sampler around the family's denoiser, CFG on the doubled batch; returns
+    images in [0, 1], NHWC."""
     module, schedule = model.module, model.schedule
     both = {k: jnp.concatenate([cond[k], uncond[k]]) for k in cond}
 
-    def step(x, t, t_next, slg_on, variables):
+    def step(x, t, t_next, variables):
         x0c, x0u = jnp.split(sd3.denoise(module, variables, jnp.concatenate([x, x]), t, None, schedule, **both), 2)
         x0 = x0u + guidance * (x0c - x0u)
-        if skip is not None:
-            x0_skip = sd3.denoise(module, variables, x, t, None, schedule, skip_layers=tuple(skip[0]), **cond)
-            x0 = x0 + jnp.where(slg_on, skip[1], 0.0) * (x0c - x0_skip)
         s, s_next = schedule.sigma(t), schedule.sigma(t_next)
         return x0 + (s_next / s) * (x - x0)
 
     step = jax.jit(step)
-    on = np.zeros(len(ts) - 1, bool) if skip is None else skip[2]
     with jax.default_matmul_precision("highest"):
         x = jnp.asarray(noise.transpose(0, 2, 3, 1))
-        for t, t_next, flag in zip(ts[:-1], ts[1:], on):
-            x = step(x, jnp.float32(t), jnp.float32(t_next), bool(flag), model.variables)
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            x = step(x, jnp.float32(t), jnp.float32(t_next), model.variables)
         images = model.apply(x, method="decode")
     return np.clip(np.asarray(images) / 2 + 0.5, 0, 1)
 
@@ -158,23 +154,17 @@ def medium_folder(tmp_path_factory):
 
 
 def test_sd35_medium_images_match_the_pipeline(medium_folder, tmp_path):
-    """Converted from shards; the same images as diffusers' pipeline with CFG and skip-layer guidance
-    (the steps without skip-layer guidance are plain CFG)."""
+    """Converted from shards; the pipeline with --slg-layers/--slg-scale/--slg-steps gives the images
+    of diffusers' pipeline with CFG and skip-layer guidance (in two of its five steps, which matter)."""
     folder, ref = medium_folder
     dst = tmp_path / "ckpt"
     assert cli.main(["convert", "sd3", str(folder), str(dst)]) == 0
     model = nets.load_model(dst)
     assert model.module.transformer.dual_attention_layers == (0, 1)
-    cond = sd3.encode_prompts(model, dst, ref["prompts"], 16, 16, max_sequence_length=16)
-    uncond = sd3.encode_prompts(model, dst, ref["negative"], 16, 16, max_sequence_length=16)
-    ts = sd3.diffusers_grid(model, 5)
     steps = guidance.skip_layer_steps(5, SLG["skip_layer_guidance_start"], SLG["skip_layer_guidance_stop"])
     assert steps.tolist() == [False, True, True, False, False]
-    slg = euler(model, cond, uncond, ref["noise"], ts, 4.5, (SLG["skip_guidance_layers"], 2.8, steps))
-    assert np.abs(slg - ref["slg"]).max() <= PIXELS
-    assert np.abs(ref["slg"] - ref["plain"]).max() > 10 * PIXELS  # the skip-layer steps mattered
+    assert np.abs(ref["slg"] - ref["plain"]).max() > 10 * PIXELS  # the skip-layer steps matter
 
-    # the pipeline's --slg-layers/--slg-scale/--slg-steps: the same images as diffusers' pipeline
     ours = []
     settings = dict(negative_prompts=ref["negative"], guidance=4.5, latents=ref["noise"].transpose(0, 2, 3, 1),
                     solver="euler", nfe=5, grid="diffusers", height=16, width=16, max_sequence_length=16,

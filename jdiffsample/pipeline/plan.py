@@ -268,9 +268,12 @@ def _skip_layer_steps(s: Settings, n_steps: int) -> np.ndarray:
 
 
 def _skip_layer_times(s: Settings, ts) -> tuple[float, float]:
-    """``[lo, hi]``: the times of the steps in which skip-layer guidance acts."""
+    """``[lo, hi]`` around the times of the steps in which skip-layer guidance acts, halfway to the
+    neighbouring times (so that a time rounded to the sampling dtype still falls on its side)."""
+    ts = np.asarray(ts, np.float64)
     on = _skip_layer_steps(s, len(ts) - 1)
-    return float(ts[on[-1]]), float(ts[on[0]])
+    hi = np.inf if on[0] == 0 else (ts[on[0] - 1] + ts[on[0]]) / 2
+    return float((ts[on[-1]] + ts[on[-1] + 1]) / 2), float(hi)
 
 
 def _check_threshold(model: Model, s: Settings) -> None:

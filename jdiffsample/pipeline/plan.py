@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiffsample import grids, solver_params
-from jdiffsample.guidance import skip_layer_steps
 from jdiffsample import skip_tuning as skip
+from jdiffsample.guidance import skip_layer_steps
 from jdiffsample.nets import Denoiser, Model, latent
 from jdiffsample.nets import model as model_io
 from jdiffsample.nets.formats import checkpoint
@@ -526,10 +526,8 @@ def _stage(index: int, model: Model, path, digest: str, s: Settings, *, micro_ba
     init = None
     if init_images is not None:
         ts, init = _image_to_image(base, init_images, strength, ts, sample_shape)
-    slg_times = None
     if s.slg_layers is not None and index == 1:
-        slg_times = _skip_layer_times(s, ts)
-        denoiser = denoiser.with_skip_layer_guidance(s.slg_layers, s.slg_scale, slg_times)
+        denoiser = denoiser.with_skip_layer_guidance(s.slg_layers, s.slg_scale, _skip_layer_times(s, ts))
     image_shape = sample_shape if decoder is None else decoder.image_shape(sample_shape)
     stage = Stage(index=index, model=base, denoiser=denoiser, solver=s.solver, options=options, nfe=s.nfe,
                   n_steps=n_steps, grid=grid_name, ts=np.asarray(ts, np.float64), seed=s.seed,

@@ -171,14 +171,19 @@ def parse_pair(flag: str):
     return parse
 
 
+def _float_pair(name: str, value, form: str) -> tuple[float, float]:
+    """Two finite numbers -> a pair of floats; else ``ValueError`` naming the ``form`` ("lo, hi")."""
+    try:
+        a, b = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{_names(name)} must be ({form}), got {value!r}") from None
+    return check_float(name, a), check_float(name, b)
+
+
 def _check_interval(value):
     if value is None:
         return None
-    try:
-        lo, hi = value
-    except (TypeError, ValueError):
-        raise ValueError(f"{_names('guidance_interval')} must be (lo, hi), got {value!r}") from None
-    lo, hi = check_float("guidance_interval", lo), check_float("guidance_interval", hi)
+    lo, hi = _float_pair("guidance_interval", value, "lo, hi")
     if not 0 <= lo < hi:
         raise ValueError(f"{_names('guidance_interval')} must be LO,HI with 0 <= LO < HI, got {value!r}")
     return lo, hi
@@ -199,11 +204,7 @@ def _check_layers(value):
 
 
 def _check_fractions(value):
-    try:
-        start, stop = value
-    except (TypeError, ValueError):
-        raise ValueError(f"{_names('slg_steps')} must be (start, stop), got {value!r}") from None
-    start, stop = check_float("slg_steps", start), check_float("slg_steps", stop)
+    start, stop = _float_pair("slg_steps", value, "start, stop")
     if not 0 <= start < stop <= 1:
         raise ValueError(f"{_names('slg_steps')} must be START,STOP with 0 <= START < STOP <= 1, got {value!r}")
     return start, stop
